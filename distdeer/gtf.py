@@ -1,0 +1,79 @@
+"""Generalized teacher forcing (GTF): the forced step that makes DEER converge on chaotic models.
+
+With forcing states ``ẑ_t`` (the data mapped into state space) and the projection ``P`` onto the forced
+units (a 0/1 mask ``p``), training runs ``z_t = F(z̃_{t-1})`` with ``z̃ = z − α p ⊙ (z − ẑ)``.  In the
+solver's convention the forced step is ``f(params, z_{t-1}, ẑ_{t-1})``: its input at step t is the
+*previous* forcing state, so GTF-DEER is ``deer(forced_step(F, α, p), params, z0, zhat[:-1])``.
+Its Jacobian is ``J_F(z̃)(I − αP)``: α shrinks every linear map of the Newton step (DESIGN §2.2).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def forced_mask(forced, latent: int, dtype=jnp.float32) -> jax.Array:
+    """0/1 mask (M,) of forced units from ``None`` (all), an int N (the first N) or a boolean mask."""
+    if forced is None:
+        return jnp.ones((latent,), dtype)
+    if isinstance(forced, int):
+        if not 0 <= forced <= latent:
+            raise ValueError(f"gtf: cannot force {forced} of {latent} units")
+        return (jnp.arange(latent) < forced).astype(dtype)
+    mask = jnp.asarray(forced)
+    if mask.shape != (latent,):
+        raise ValueError(f"gtf: forced mask must have shape ({latent},), got {mask.shape}")
+    return mask.astype(dtype)
+
+
+class ForcedStep:
+    """The GTF-forced step ``(params, z_{t-1}, ẑ_{t-1}) -> z_t`` with analytic Jacobians when the model
+    supplies them (``jac``/``jac_diag`` attributes are read by ``distdeer.deer``).
+
+    ``alpha`` is a scalar (it may be traced, e.g. an adaptive α inside a jitted train step); it is a
+    forcing strength, not a parameter, and receives no gradient.
+    """
+
+    def __init__(self, F: Callable, alpha, mask: jax.Array, jac: Callable | None = None,
+                 jac_diag: Callable | None = None):
+        self.F, self.alpha, self.mask = F, alpha, mask
+        self.jac = self._jac if jac is not None else None
+        self.jac_diag = self._jac_diag if (jac_diag is not None or jac is not None) else None
+        self._model_jac, self._model_jac_diag = jac, jac_diag
+
+    def _damping(self, dtype):
+        return 1.0 - lax.stop_gradient(jnp.asarray(self.alpha, dtype)) * self.mask.astype(dtype)
+
+    def forced_state(self, z, zhat):
+        """``z̃ = (I − αP) z + αP ẑ``."""
+        return zhat + self._damping(z.dtype) * (z - zhat)
+
+    def __call__(self, params, z, zhat):
+        return self.F(params, self.forced_state(z, zhat))
+
+    def _jac(self, params, z, zhat):
+        return self._model_jac(params, self.forced_state(z, zhat)) * self._damping(z.dtype)[None, :]
+
+    def _jac_diag(self, params, z, zhat):
+        zt = self.forced_state(z, zhat)
+        d = self._model_jac_diag(params, zt) if self._model_jac_diag else jnp.diagonal(self._model_jac(params, zt))
+        return d * self._damping(z.dtype)
+
+
+def forced_step(F: Callable, alpha, forced=None, *, latent: int | None = None, jac: Callable | None = None,
+                jac_diag: Callable | None = None) -> ForcedStep:
+    """Build the GTF step for the model map ``F(params, z)``.
+
+    ``forced``: ``None`` forces every unit (affine readout, ``P = I``); an int ``N`` forces the first N
+    (identity readout); or a 0/1 mask.  ``latent`` (M) is needed unless ``forced`` is a mask.
+    ``jac``/``jac_diag``: the model's analytic ``J_F(z)`` (M, M) / its diagonal (M,).
+    """
+    if latent is None:
+        if forced is None or isinstance(forced, int):
+            raise ValueError("gtf.forced_step: pass latent=M (or a mask) to say how many units there are")
+        latent = int(jnp.shape(forced)[0])
+    return ForcedStep(F, alpha, forced_mask(forced, latent), jac, jac_diag)

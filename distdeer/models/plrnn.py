@@ -1,0 +1,62 @@
+"""Piecewise-linear RNNs of the Durstewitz-lab family with closed-form Jacobians (DESIGN §2.1).
+
+Parameters are dicts of arrays; every map is ``F(params, z) -> z`` on one unbatched state ``z``
+of shape ``(M,)`` with hidden width ``L``.  Jacobians are exact inside each ReLU region, so Newton's
+method on these models has converged once the activation pattern stops changing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def init_shplrnn(key: jax.Array, latent: int, hidden: int, dtype=jnp.float32) -> dict:
+    """Reference-style initialisation: ``a`` near 1 (slow linear part), small random W1, W2."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "a": jnp.full((latent,), 0.9, dtype) + 0.05 * jax.random.uniform(k3, (latent,), dtype, -1, 1),
+        "W1": jax.random.normal(k1, (latent, hidden), dtype) / jnp.sqrt(hidden).astype(dtype),
+        "W2": jax.random.normal(k2, (hidden, latent), dtype) / jnp.sqrt(latent).astype(dtype),
+        "h1": jnp.zeros((latent,), dtype),
+        "h2": jnp.zeros((hidden,), dtype),
+    }
+
+
+def shplrnn(params: dict, z: jax.Array) -> jax.Array:
+    """``F(z) = a ⊙ z + W1 relu(W2 z + h2) + h1``."""
+    return params["a"] * z + params["W1"] @ jax.nn.relu(params["W2"] @ z + params["h2"]) + params["h1"]
+
+
+def _gate(params, z):
+    return (params["W2"] @ z + params["h2"] > 0).astype(z.dtype)
+
+
+def shplrnn_jac(params: dict, z: jax.Array) -> jax.Array:
+    """``J(z) = diag(a) + W1 diag(1[W2 z + h2 > 0]) W2`` (M, M)."""
+    return jnp.diag(params["a"]) + (params["W1"] * _gate(params, z)) @ params["W2"]
+
+
+def shplrnn_jac_diag(params: dict, z: jax.Array) -> jax.Array:
+    """``diag J(z) = a + (W1 ⊙ W2ᵀ) 1[W2 z + h2 > 0]`` (M,), in O(M L)."""
+    return params["a"] + (params["W1"] * params["W2"].T) @ _gate(params, z)
+
+
+def clipped_shplrnn(params: dict, z: jax.Array) -> jax.Array:
+    """``F(z) = a ⊙ z + W1 (relu(W2 z + h2) − relu(W2 z)) + h1`` (bounded orbits for |a| < 1)."""
+    u = params["W2"] @ z
+    return params["a"] * z + params["W1"] @ (jax.nn.relu(u + params["h2"]) - jax.nn.relu(u)) + params["h1"]
+
+
+def _clipped_gate(params, z):
+    u = params["W2"] @ z
+    return (u + params["h2"] > 0).astype(z.dtype) - (u > 0).astype(z.dtype)
+
+
+def clipped_shplrnn_jac(params: dict, z: jax.Array) -> jax.Array:
+    """``J(z) = diag(a) + W1 diag(1[W2 z + h2 > 0] − 1[W2 z > 0]) W2``."""
+    return jnp.diag(params["a"]) + (params["W1"] * _clipped_gate(params, z)) @ params["W2"]
+
+
+def clipped_shplrnn_jac_diag(params: dict, z: jax.Array) -> jax.Array:
+    return params["a"] + (params["W1"] * params["W2"].T) @ _clipped_gate(params, z)

@@ -1,0 +1,300 @@
+"""DEER Newton iterations on one time slice and their implicit adjoint (DESIGN §2.3–2.5).
+
+Everything here is written from the point of view of one device holding ``n`` consecutive steps of
+a (padded) sequence.  With ``opts.axis_name = None`` the slice is the whole sequence; otherwise the
+functions must run inside ``shard_map`` over that mesh axis and exchange halos, slice summaries and
+convergence flags with the other devices.  ``solve_slice`` is the differentiable entry point.
+
+Conventions: ``z_t = f_t(z_{t-1}) = step(params, z_{t-1}, x_t)`` for t = 1..T; ``zprev`` is the
+array of ``z_{t-1}`` aligned with ``x_t``; padded steps (global index ≥ ``opts.length``) carry the last
+state through unchanged (identity map) and are excluded from every test and from the adjoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from functools import partial
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from distdeer.solver import scan, vma
+
+
+class Result(enum.IntEnum):
+    """Outcome of a solve, stored as an int in ``Solution.result``."""
+
+    SUCCESS = 0  # Newton converged: |Δz| ≤ atol + rtol |z| at every step
+    MAX_ITER = 1  # max_iter reached without convergence
+    NONFINITE = 2  # an iterate became non-finite; the last finite iterate is returned
+    FALLBACK = 3  # Newton failed, the sequential fallback produced the states
+
+
+class Solution(NamedTuple):
+    """Result of ``deer``.  Only ``states`` carries gradients; the other fields are statistics."""
+
+    states: jax.Array  # (T, M)
+    iterations: jax.Array  # int32: Newton iterations run
+    converged: jax.Array  # bool: states solve the recurrence to tolerance (Newton or fallback)
+    residual: jax.Array  # max_t ‖z_t − step(params, z_{t−1}, x_t)‖_∞ at the returned states
+    result: jax.Array  # int32 code of ``Result``
+
+
+class Dynamics(NamedTuple):
+    """The step and, optionally, its analytic Jacobian w.r.t. the state (dense or diagonal)."""
+
+    step: Callable
+    jac: Callable | None = None  # (params, z, x) -> (M, M)
+    jac_diag: Callable | None = None  # (params, z, x) -> (M,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Static solver settings (hashable: they select the compiled program)."""
+
+    length: int  # valid global steps T; the rest of the slices is padding
+    jacobian: str = "dense"
+    max_iter: int = 50
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    method: str = "blocked"
+    block: int | None = None
+    axis_name: Any = None  # mesh axis sharding time, or None
+    sync_axes: tuple = ()  # every manual mesh axis: loops run in lockstep over all of them
+    fallback: bool = False
+    adjoint_max_iter: int = 200  # diagonal mode only: iterations of the matrix-free adjoint
+
+    @property
+    def diagonal(self) -> bool:
+        return self.jacobian == "diagonal"
+
+
+# ---------------------------------------------------------------------------------------------
+def _pmax(x, axes):
+    return lax.pmax(x, axes) if axes else x
+
+
+# ---------------------------------------------------------------------------------------------
+# Step evaluation on a slice.
+
+def _valid(n: int, opts: Options) -> jax.Array:
+    """Mask (n,) of real (unpadded) steps in this slice."""
+    start = 0 if opts.axis_name is None else lax.axis_index(opts.axis_name) * n
+    return (start + jnp.arange(n)) < opts.length
+
+
+def _from_left(last, z0, axis_name):
+    """State before this slice's first step: z0 on device 0, else the left neighbour's last state."""
+    if axis_name is None:
+        return z0
+    p = lax.axis_size(axis_name)
+    recv = lax.ppermute(last, axis_name, [(i, i + 1) for i in range(p - 1)])
+    return jnp.where(lax.axis_index(axis_name) == 0, z0, recv)
+
+
+def _previous(Z, z0, axis_name):
+    """``zprev_t = z_{t-1}`` for every step of the slice (one halo exchange)."""
+    return jnp.concatenate([_from_left(Z[-1], z0, axis_name)[None], Z[:-1]])
+
+
+def _steps(dyn: Dynamics, params, zprev, xs):
+    return jax.vmap(dyn.step, in_axes=(None, 0, 0))(params, zprev, xs)
+
+
+def _jacobians(dyn: Dynamics, diagonal: bool, params, zprev, xs):
+    """``A_t = ∂step/∂z (z_{t-1})``: (n, M, M) dense or (n, M) diagonal; analytic when supplied."""
+    if diagonal:
+        if dyn.jac_diag is not None:
+            fn = dyn.jac_diag
+        else:
+            dense = dyn.jac or jax.jacfwd(dyn.step, argnums=1)
+            fn = lambda p, z, x: jnp.diagonal(dense(p, z, x))  # noqa: E731
+    else:
+        fn = dyn.jac or jax.jacfwd(dyn.step, argnums=1)
+    return jax.vmap(fn, in_axes=(None, 0, 0))(params, zprev, xs)
+
+
+def _max_over_slice(values, valid, axes, fill):
+    """Max over the valid rows of this slice, then over the devices of ``axes``."""
+    mask = valid.reshape(valid.shape + (1,) * (values.ndim - 1))
+    return _pmax(jnp.max(jnp.where(mask, values, fill)), axes)
+
+
+def _residual(dyn, opts, params, z0, xs, Z, valid):
+    zprev = _previous(Z, z0, opts.axis_name)
+    r = jnp.abs(Z - _steps(dyn, params, zprev, xs))
+    return _max_over_slice(r, valid, _time_axes(opts), 0.0)
+
+
+def _time_axes(opts):
+    return () if opts.axis_name is None else (opts.axis_name,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward: Newton iterations.
+
+def _newton(dyn: Dynamics, opts: Options, params, z0, xs, init):
+    n, m = init.shape
+    diagonal = opts.diagonal
+    valid = _valid(n, opts)
+    time = _time_axes(opts)
+    # Per-sequence scalars vary over the batch-like mesh axes only; states also over time.
+    seq_axes = tuple(a for a in vma.of((params, z0, xs, init)) if a not in time)
+    scal = partial(vma.vary, axes=seq_axes)
+    eye = scan.identity((n,), m, init.dtype, diagonal=diagonal)
+    vmask = valid[:, None] if diagonal else valid[:, None, None]
+
+    def linearise(Z):
+        zprev = _previous(Z, z0, opts.axis_name)
+        f = _steps(dyn, params, zprev, xs)
+        A = _jacobians(dyn, diagonal, params, zprev, xs)
+        b = f - scan.apply(A, zprev, diagonal=diagonal)
+        return jnp.where(vmask, A, eye), jnp.where(valid[:, None], b, 0.0)
+
+    def keep_going(c):
+        _, it, done, bad = c
+        go = (~done) & (~bad) & (it < opts.max_iter)
+        # Every device must run the same number of iterations, or collectives deadlock.
+        return _pmax(go.astype(jnp.int32), opts.sync_axes) > 0
+
+    def iterate(c):
+        Z, it, done, bad = c
+        A, b = linearise(Z)
+        Znew, _ = scan.solve(A, b, z0, diagonal=diagonal, axis_name=opts.axis_name,
+                             method=opts.method, block=opts.block)
+        excess = _max_over_slice(jnp.abs(Znew - Z) - (opts.atol + opts.rtol * jnp.abs(Znew)),
+                                 valid, time, -jnp.inf)
+        finite = jnp.where(valid[:, None], jnp.isfinite(Znew), True)
+        nonfinite = _pmax(jnp.any(~finite).astype(jnp.int32), time) > 0
+        active = (~done) & (~bad) & (it < opts.max_iter)
+        Z = jnp.where(active & ~nonfinite, Znew, Z)
+        it = it + active.astype(jnp.int32)
+        done = done | (active & ~nonfinite & (excess <= 0))
+        bad = bad | (active & nonfinite)
+        return Z, it, done, bad
+
+    state_axes = seq_axes + time
+    carry = (vma.vary(init, state_axes), scal(jnp.int32(0)), scal(jnp.bool_(False)),
+             scal(jnp.bool_(False)))
+    Z, it, done, bad = lax.while_loop(keep_going, iterate, carry)
+    result = jnp.where(done, Result.SUCCESS, jnp.where(bad, Result.NONFINITE, Result.MAX_ITER))
+    converged = done
+    if opts.fallback:
+        Z = lax.cond(done, lambda Z: Z, partial(_sequential_sweeps, dyn, opts, params, z0, xs, valid), Z)
+        residual = _residual(dyn, opts, params, z0, xs, Z, valid)
+        rescued = ~done & jnp.isfinite(residual)
+        result = jnp.where(rescued, Result.FALLBACK, result)
+        converged = done | rescued
+    else:
+        residual = _residual(dyn, opts, params, z0, xs, Z, valid)
+    return Solution(Z, it, converged, residual, result.astype(jnp.int32))
+
+
+def _sequential_sweeps(dyn, opts, params, z0, xs, valid, Z):
+    """Exact states by sequential evaluation: P sweeps of local scans, each from the left halo.
+
+    After sweep p the first p+1 slices are exact, so P sweeps (one without sharding) suffice.
+    """
+    sweeps = 1 if opts.axis_name is None else lax.axis_size(opts.axis_name)
+
+    def sweep(_, Z):
+        def one(z, xv):
+            x, v = xv
+            z = jnp.where(v, dyn.step(params, z, x), z)
+            return z, z
+
+        return lax.scan(one, _from_left(Z[-1], z0, opts.axis_name), (xs, valid))[1]
+
+    return lax.fori_loop(0, sweeps, sweep, Z)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: the implicit adjoint at the converged trajectory.
+
+def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
+    """Cotangents (params, z0, xs) for the cotangent ``g`` (n, M) of the states.
+
+    With ``μ_t = A_tᵀ λ_t`` (DESIGN §2.4): ``μ_t = A_tᵀ (g_t + μ_{t+1})`` is a reverse-time affine
+    recurrence using only local Jacobians, ``λ_t = g_t + μ_{t+1}``, and one vmapped VJP of the step
+    gives ``∂ℓ/∂θ = Σ_t (∂f_t/∂θ)ᵀ λ_t``, ``∂ℓ/∂x_t``, and ``∂ℓ/∂z_0 = μ_1``.  In diagonal mode ``A_t`` is
+    never formed: ``μ`` is found by the exact splitting ``A = D + (A − D)``, iterating
+    ``μ^{k+1}_t = D_t μ^{k+1}_{t+1} + D_t g_t + (A_t − D_t)ᵀ λ^k_t`` (VJPs, diagonal scans).
+    """
+    n, m = Z.shape
+    valid = _valid(n, opts)
+    time = _time_axes(opts)
+    ax = opts.axis_name
+    zprev = _previous(Z, z0, ax)
+    g = jnp.where(valid[:, None], g, 0.0)
+    zero = vma.vary(jnp.zeros((m,), Z.dtype), vma.of(z0))
+    reverse_solve = partial(scan.solve, h0=zero, reverse=True, axis_name=ax, method=opts.method,
+                            block=opts.block)
+    A = _jacobians(dyn, opts.diagonal, params, zprev, xs)
+    A = jnp.where(valid[:, None] if opts.diagonal else valid[:, None, None], A, 0.0)
+    adjoint_ok = jnp.bool_(True)
+    if not opts.diagonal:
+        mu, mu_in = reverse_solve(A, scan.apply(A, g, diagonal=False, transpose=True),
+                                  diagonal=False, transpose=True)
+    else:
+        _, vjp_z = jax.vjp(lambda zp: _steps(dyn, params, zp, xs), zprev)
+
+        def lam_of(mu, mu_in):
+            return jnp.where(valid[:, None], g + jnp.concatenate([mu[1:], mu_in[None]]), 0.0)
+
+        def sweep(c):
+            mu, mu_in, it, _ = c
+            lam = lam_of(mu, mu_in)
+            off = jnp.where(valid[:, None], vjp_z(lam)[0] - A * lam, 0.0)
+            mu_new, mu_in_new = reverse_solve(A, A * g + off, diagonal=True)
+            excess = _max_over_slice(
+                jnp.abs(mu_new - mu) - (opts.atol + opts.rtol * jnp.abs(mu_new)), valid, time, -jnp.inf)
+            return mu_new, mu_in_new, it + 1, excess
+
+        def unfinished(c):
+            _, _, it, excess = c
+            go = (it < opts.adjoint_max_iter) & ~(excess <= 0)
+            return _pmax(go.astype(jnp.int32), opts.sync_axes) > 0
+
+        seq_axes = tuple(a for a in vma.of((params, z0, xs, Z)) if a not in time)
+        c0 = (vma.vary(jnp.zeros_like(Z), seq_axes + time), vma.vary(zero, seq_axes + time),
+              vma.vary(jnp.int32(0), seq_axes), vma.vary(jnp.asarray(jnp.inf, Z.dtype), seq_axes))
+        mu, mu_in, _, excess = lax.while_loop(unfinished, sweep, c0)
+        adjoint_ok = excess <= 0
+    lam = jnp.where(valid[:, None], g + jnp.concatenate([mu[1:], mu_in[None]]), 0.0)
+    _, vjp_all = jax.vjp(lambda p, zp, x: _steps(dyn, p, zp, x), params, zprev, xs)
+    d_params, d_zprev, d_xs = vjp_all(lam)
+    d_z0 = d_zprev[0]
+    if ax is not None:
+        d_z0 = jnp.where(lax.axis_index(ax) == 0, d_z0, 0.0)
+    # An unconverged forward (or adjoint) solve must not yield a usable gradient.
+    poison = jnp.where(usable & adjoint_ok, 1.0, jnp.nan)
+    spoil = lambda t: t * poison.astype(t.dtype) if jnp.issubdtype(t.dtype, jnp.inexact) else t  # noqa: E731
+    d_params = jax.tree.map(lambda c, p: vma.reduce_to(spoil(c), p), d_params, params)
+    d_z0 = vma.reduce_to(spoil(d_z0), z0)
+    d_xs = jax.tree.map(spoil, d_xs)
+    return d_params, d_z0, d_xs
+
+
+# ---------------------------------------------------------------------------------------------
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def solve_slice(dyn: Dynamics, opts: Options, params, z0, xs, init) -> Solution:
+    """Solve the recurrence on this slice by DEER; differentiable in params, z0 and xs (implicitly)."""
+    return _newton(dyn, opts, params, z0, xs, init)
+
+
+def _solve_fwd(dyn, opts, params, z0, xs, init):
+    sol = _newton(dyn, opts, params, z0, xs, init)
+    return sol, (params, z0, xs, sol.states, sol.converged, init)
+
+
+def _solve_bwd(dyn, opts, res, ct):
+    params, z0, xs, Z, usable, init = res
+    d_params, d_z0, d_xs = _adjoint(dyn, opts, params, z0, xs, Z, usable, ct.states)
+    return d_params, d_z0, d_xs, jnp.zeros_like(init)
+
+
+solve_slice.defvjp(_solve_fwd, _solve_bwd)
