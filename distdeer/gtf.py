@@ -77,3 +77,22 @@ def forced_step(F: Callable, alpha, forced=None, *, latent: int | None = None, j
             raise ValueError("gtf.forced_step: pass latent=M (or a mask) to say how many units there are")
         latent = int(jnp.shape(forced)[0])
     return ForcedStep(F, alpha, forced_mask(forced, latent), jac, jac_diag)
+
+
+def jacobian_norm(jac: Callable, params, states: jax.Array, *, kind: str = "geometric") -> jax.Array:
+    """Estimate 𝒩 of the Jacobian norm along a (forced) trajectory ``states`` (T, M).
+
+    ``kind="geometric"`` (default; the product upper bound): ``exp(mean_t log ‖J(z_t)‖₂)``, the growth
+    rate per step that bounds ``‖J_T ⋯ J_1‖``; ``"mean"``: arithmetic mean of ``‖J(z_t)‖₂``.
+    """
+    norms = jax.vmap(lambda z: jnp.linalg.norm(jac(params, z), 2))(states)
+    if kind == "geometric":
+        return jnp.exp(jnp.mean(jnp.log(jnp.maximum(norms, 1e-30))))
+    if kind == "mean":
+        return jnp.mean(norms)
+    raise ValueError(f"gtf.jacobian_norm: unknown kind {kind!r}")
+
+
+def alpha_from_norm(norm: jax.Array) -> jax.Array:
+    """GTF's forcing strength ``α = max(0, 1 − 1/𝒩)``: then ``(1 − α) 𝒩 ≤ 1``."""
+    return jnp.maximum(0.0, 1.0 - 1.0 / norm)

@@ -20,6 +20,8 @@ from distdeer.solver import scan
 from distdeer.solver.newton import Dynamics, Options, Result, Solution, solve_slice
 
 JACOBIANS = ("dense", "diagonal")
+# Quasi-Newton (diagonal) converges linearly, Newton (dense) quadratically once near the solution.
+DEFAULT_MAX_ITER = {"dense": 50, "diagonal": 200}
 
 
 class SolverError(RuntimeError):
@@ -81,7 +83,7 @@ def _check_inputs(step, params, z0, xs, init, jacobian, mesh, axis_names, batch:
         want_init = (z0.shape[0], T, z0.shape[1]) if batch else (T, z0.shape[0])
         if tuple(np.shape(init)) != want_init:
             raise ValueError(f"deer: init must have shape {want_init}, got {tuple(np.shape(init))}")
-    if not isinstance(z0, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(z0))):
+    if not isinstance(z0, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(z0))):
         raise ValueError("deer: z0 contains non-finite values")
     if mesh is not None:
         if not isinstance(mesh, Mesh):
@@ -109,6 +111,8 @@ def _options(T, z0, jacobian, max_iter, atol, rtol, method, block, axis_name, sy
     method = method or scan.default_method()
     if method not in scan.METHODS:
         raise ValueError(f"deer: method must be one of {scan.METHODS}, got {method!r}")
+    if max_iter is None:
+        max_iter = DEFAULT_MAX_ITER[jacobian]
     if max_iter < 0:
         raise ValueError(f"deer: max_iter must be >= 0, got {max_iter}")
     return Options(length=T, jacobian=jacobian, max_iter=int(max_iter),
@@ -175,7 +179,7 @@ def deer(
     xs: Any,
     *,
     jacobian: str = "dense",
-    max_iter: int = 50,
+    max_iter: int | None = None,
     atol: float | None = None,
     rtol: float | None = None,
     init: jax.Array | None = None,
@@ -199,8 +203,8 @@ def deer(
       xs: inputs, an array or pytree of arrays with leading time axis ``T`` (may be sharded on time).
       jacobian: ``"dense"`` (Newton; ``O(T M³)`` per iteration) or ``"diagonal"`` (quasi-Newton:
         ``diag A_t`` only, ``O(T M)``; same fixed point; the gradient stays exact).
-      max_iter, atol, rtol: stop when ``|Δz| ≤ atol + rtol |z|`` at every step, or after max_iter.
-        Tolerances default by dtype (``default_tolerances``).
+      max_iter, atol, rtol: stop when ``|Δz| ≤ atol + rtol |z|`` at every step, or after max_iter
+        (default 50 dense, 200 diagonal).  Tolerances default by dtype (``default_tolerances``).
       init: initial guess ``(T, M)`` (warm start, or the data for GTF); default ``z0`` repeated.
         Receives no gradient.
       mesh: a ``jax.sharding.Mesh`` with an axis ``axis_name``: solve and adjoint run time-sharded
@@ -255,7 +259,7 @@ def deer_batch(
     time_axis: str = "time",
     init: jax.Array | None = None,
     jacobian: str = "dense",
-    max_iter: int = 50,
+    max_iter: int | None = None,
     atol: float | None = None,
     rtol: float | None = None,
     throw: bool = True,
@@ -313,7 +317,7 @@ def deer_shard(
     sync_axes: tuple = (),
     init: jax.Array | None = None,
     jacobian: str = "dense",
-    max_iter: int = 50,
+    max_iter: int | None = None,
     atol: float | None = None,
     rtol: float | None = None,
     throw: bool = False,

@@ -1,0 +1,163 @@
+"""``distdeer bench solver``: GTF-DEER against the sequential recurrence, side by side in one process.
+
+The problem: a clipped shPLRNN (M latent, L hidden units, reference initialisation) forced by GTF with
+strength α towards standardised Lorenz-63 data (the first min(M, 3) units forced), loss = MSE of the
+un-forced predictions of the observed units.  Measured (best of ``repeats`` after compilation):
+sequential forward, BPTT value+grad, DEER forward and value+grad (started from the data, and
+warm-started from the solution one Adam-sized parameter step away, as in training), Newton iterations, the max error of DEER's states against the sequential ones, the
+gradient's relative error against BPTT, compiled memory of each value+grad, and the ratios.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import resource
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distdeer import gtf
+from distdeer.data import systems
+from distdeer.models import plrnn
+from distdeer.solver import deer, sequential
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverBench:
+    T: int = 100_000
+    latent: int = 3
+    hidden: int = 50
+    devices: int = 1
+    jacobian: str = "dense"
+    alpha: float | None = None  # None: GTF estimate α = max(0, 1 − 1/𝒩) on the data
+    repeats: int = 3
+    seed: int = 0
+    method: str | None = None
+    skip_sequential: bool = False
+
+
+def _problem(cfg: SolverBench):
+    """Lorenz-63 data lifted into the M-dim state space by a fixed orthonormal map R (M×3), all units
+    forced (affine-readout GTF: ẑ = R x), the model read out by Rᵀ."""
+    M = cfg.latent
+    data = systems.standardise(systems.lorenz63(cfg.T + 1, seed=cfg.seed))
+    R = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(cfg.seed + 1), (M, max(M, 3))))[0][:, :3] \
+        if M > 3 else jnp.eye(M, 3)
+    zhat = data @ R.T
+    params = plrnn.init_shplrnn(jax.random.PRNGKey(cfg.seed), M, cfg.hidden)
+    alpha = cfg.alpha
+    if alpha is None:
+        alpha = float(gtf.alpha_from_norm(gtf.jacobian_norm(plrnn.clipped_shplrnn_jac, params, zhat[:-1])))
+    step = gtf.forced_step(plrnn.clipped_shplrnn, alpha, None, latent=M, jac=plrnn.clipped_shplrnn_jac,
+                           jac_diag=plrnn.clipped_shplrnn_jac_diag)
+    return step, params, zhat[0], zhat[:-1], zhat[1:], data[1:], R, alpha
+
+
+def _time(fn: Callable, args, repeats: int):
+    out = jax.block_until_ready(fn(*args))  # compile and warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def _compiled_bytes(fn, args) -> int | None:
+    try:
+        m = fn.lower(*args).compile().memory_analysis()
+        return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+    except Exception:  # memory analysis is not offered by every backend
+        return None
+
+
+def run(cfg: SolverBench) -> dict:
+    """Run the benchmark; returns a flat dict of raw numbers (seconds, bytes)."""
+    step, params, z0, xs, init, targets, R, alpha = _problem(cfg)
+    mesh = None
+    if cfg.devices > 1:
+        if len(jax.devices()) < cfg.devices:
+            raise ValueError(f"bench: {cfg.devices} devices requested, {len(jax.devices())} available")
+        mesh = jax.make_mesh((cfg.devices,), ("time",), devices=jax.devices()[: cfg.devices])
+    opts = dict(jacobian=cfg.jacobian, mesh=mesh, init=init, throw=False, method=cfg.method,
+                max_iter=200)
+
+    def loss_of(states):
+        return jnp.mean((states @ R - targets) ** 2)
+
+    seq_fwd = jax.jit(lambda p: sequential(step, p, z0, xs))
+    bptt = jax.jit(jax.value_and_grad(lambda p: loss_of(sequential(step, p, z0, xs))))
+    deer_fwd = jax.jit(lambda p: deer(step, p, z0, xs, **opts))
+
+    def deer_loss(p, guess):
+        sol = deer(step, p, z0, xs, **{**opts, "init": guess})
+        return loss_of(sol.states), sol
+
+    deer_vg = jax.jit(jax.value_and_grad(deer_loss, has_aux=True))
+    # Training warm-starts Newton from the previous optimizer step's solution: emulate one Adam-sized
+    # step (every parameter moved by ±lr, lr = 1e-3) and start from the solution there.
+    signs = jax.tree.map(lambda a, k: jnp.sign(jax.random.normal(k, a.shape)), params,
+                         dict(zip(params, jax.random.split(jax.random.PRNGKey(cfg.seed + 2), len(params)))))
+    previous = jax.tree.map(lambda a, s: a - 1e-3 * s, params, signs)
+
+    out = dataclasses.asdict(cfg)
+    out["alpha"] = alpha
+    out.update(backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
+               jax_version=jax.__version__, machine=platform.machine(), processor=platform.processor())
+    t_deer_fwd, sol = _time(deer_fwd, (params,), cfg.repeats)
+    t_deer_vg, ((loss_d, sol_vg), g_deer) = _time(deer_vg, (params, init), cfg.repeats)
+    warm_guess = deer_fwd(previous).states
+    t_warm, ((_, sol_warm), _) = _time(deer_vg, (params, warm_guess), cfg.repeats)
+    out.update(deer_forward_s=t_deer_fwd, deer_value_grad_s=t_deer_vg,
+               newton_iterations=int(sol.iterations), converged=bool(sol.converged),
+               residual=float(sol.residual), deer_loss=float(loss_d),
+               deer_value_grad_warm_s=t_warm, newton_iterations_warm=int(sol_warm.iterations),
+               converged_warm=bool(sol_warm.converged),
+               deer_value_grad_bytes=_compiled_bytes(deer_vg, (params, init)))
+    if not cfg.skip_sequential:
+        t_seq, ref = _time(seq_fwd, (params,), cfg.repeats)
+        t_bptt, (loss_b, g_bptt) = _time(bptt, (params,), cfg.repeats)
+        gerr = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+                   for a, b in zip(jax.tree.leaves(g_deer), jax.tree.leaves(g_bptt)))
+        out.update(sequential_forward_s=t_seq, bptt_value_grad_s=t_bptt, bptt_loss=float(loss_b),
+                   max_state_error=float(jnp.max(jnp.abs(sol.states - ref))), grad_rel_error=gerr,
+                   bptt_value_grad_bytes=_compiled_bytes(bptt, (params,)),
+                   ratio_forward=t_deer_fwd / t_seq, ratio_value_grad=t_deer_vg / t_bptt,
+                   ratio_value_grad_warm=t_warm / t_bptt)
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def report(res: dict) -> str:
+    """Human-readable summary of ``run``'s result."""
+    lines = [f"T={res['T']} M={res['latent']} L={res['hidden']} devices={res['devices']} "
+             f"jacobian={res['jacobian']} alpha={res['alpha']:.3f} backend={res['backend']} ({res['device_kind']})",
+             f"  Newton iterations {res['newton_iterations']}  converged {res['converged']}  "
+             f"residual {res['residual']:.2e}  (warm start: {res['newton_iterations_warm']} iterations, "
+             f"converged {res['converged_warm']})"]
+    rows = [("sequential forward", "sequential_forward_s"), ("BPTT value+grad", "bptt_value_grad_s"),
+            ("DEER forward", "deer_forward_s"), ("DEER value+grad", "deer_value_grad_s"),
+            ("DEER value+grad warm", "deer_value_grad_warm_s")]
+    for name, key in rows:
+        if key in res:
+            lines.append(f"  {name:<20s} {res[key] * 1e3:10.1f} ms")
+    if "ratio_value_grad" in res:
+        lines.append(f"  ratio DEER/sequential: forward {res['ratio_forward']:.3f}  "
+                     f"value+grad {res['ratio_value_grad']:.3f}  value+grad warm {res['ratio_value_grad_warm']:.3f}")
+        lines.append(f"  max |z_deer - z_seq| {res['max_state_error']:.2e}  "
+                     f"grad rel. error {res['grad_rel_error']:.2e}")
+    for name, key in (("DEER value+grad", "deer_value_grad_bytes"), ("BPTT value+grad", "bptt_value_grad_bytes")):
+        if res.get(key) is not None:
+            lines.append(f"  compiled memory {name:<16s} {res[key] / 2**20:9.1f} MiB")
+    lines.append(f"  peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB")
+    return "\n".join(lines)
+
+
+def write_json(res: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))

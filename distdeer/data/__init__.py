@@ -1,0 +1,1 @@
+"""Trajectories of dynamical systems: generators and storage."""

@@ -1,0 +1,167 @@
+"""DEER on one device against the sequential recurrence and BPTT (``jax.grad`` through it)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import distdeer
+from distdeer import Result, SolverError, deer, deer_batch, sequential
+from problems import euler_lorenz, loss_fn, noisy_lorenz, problem, rel_err
+
+
+def _grads(fn, step, params, z0, xs, **kw):
+    def loss(p, z, x):
+        states = fn(step, p, z, x, **kw) if kw else fn(step, p, z, x)
+        return loss_fn(states.states if hasattr(states, "states") else states)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(params, z0, xs)
+
+
+@pytest.mark.parametrize("name", ["shplrnn", "clipped", "gru"])
+@pytest.mark.parametrize("jacobian", ["dense", "diagonal"])
+def test_states_and_gradients_match_sequential(name, jacobian):
+    T = 4099  # odd, not a multiple of the block length
+    step, params, z0, xs = problem(name, T)
+    ref = sequential(step, params, z0, xs)
+    sol = jax.jit(lambda p, z, x: deer(step, p, z, x, jacobian=jacobian))(params, z0, xs)
+    assert bool(sol.converged) and int(sol.result) == Result.SUCCESS
+    assert 1 <= int(sol.iterations) <= (20 if jacobian == "dense" else 200)
+    np.testing.assert_allclose(sol.states, ref, atol=5e-5, rtol=1e-4)
+    assert float(sol.residual) < 1e-4
+    g_ref = _grads(sequential, step, params, z0, xs)
+    g = _grads(deer, step, params, z0, xs, jacobian=jacobian)
+    assert rel_err(g, g_ref) < 1e-4
+
+
+def test_autodiff_jacobian_equals_analytic():
+    step, params, z0, xs = problem("shplrnn", 300)
+    plain = lambda p, z, x: step(p, z, x)  # noqa: E731  (no .jac attribute: autodiff path)
+    a = deer(step, params, z0, xs)
+    b = deer(plain, params, z0, xs)
+    np.testing.assert_allclose(a.states, b.states, atol=1e-6)
+    ga = _grads(deer, step, params, z0, xs)
+    gb = _grads(deer, plain, params, z0, xs)
+    assert rel_err(ga, gb) < 1e-5
+
+
+def test_short_sequences_and_warm_start():
+    for T in (1, 2, 5):
+        step, params, z0, xs = problem("gru", T)
+        np.testing.assert_allclose(deer(step, params, z0, xs).states, sequential(step, params, z0, xs),
+                                   atol=1e-6)
+    step, params, z0, xs = problem("clipped", 2000)
+    ref = sequential(step, params, z0, xs)
+    sol = deer(step, params, z0, xs, init=ref)
+    assert int(sol.iterations) == 1  # started at the fixed point: one confirming Newton step
+    # init receives no gradient
+    g = jax.grad(lambda i: jnp.sum(deer(step, params, z0, xs, init=i).states))(ref)
+    assert float(jnp.max(jnp.abs(g))) == 0.0
+
+
+def test_vmap_over_deer_and_deer_batch():
+    B, T = 3, 257
+    step, params, _, _ = problem("gru", T)
+    z0 = 0.1 * jax.random.normal(jax.random.PRNGKey(5), (B, 4))
+    xs = jax.random.normal(jax.random.PRNGKey(6), (B, T, 2))
+    ref = jax.vmap(lambda z, x: sequential(step, params, z, x))(z0, xs)
+    sol = jax.vmap(lambda z, x: deer(step, params, z, x))(z0, xs)
+    np.testing.assert_allclose(sol.states, ref, atol=1e-5)
+    assert sol.iterations.shape == (B,)
+    sol_b = deer_batch(step, params, z0, xs)
+    np.testing.assert_allclose(sol_b.states, ref, atol=1e-5)
+    g_ref = jax.grad(lambda p: loss_fn(jax.vmap(lambda z, x: sequential(step, p, z, x))(z0, xs)))(params)
+    g = jax.grad(lambda p: loss_fn(deer_batch(step, p, z0, xs).states))(params)
+    assert rel_err(g, g_ref) < 1e-4
+
+
+def test_gtf_converges_on_chaotic_map_where_plain_deer_does_not():
+    """Explicit-Euler Lorenz-63 forced by noisy RK4 data (not its own trajectory)."""
+    for T in (10_000, 100_000):
+        data = noisy_lorenz(T)
+        z0, xs, init = data[0], data[:-1], data[1:]
+        forced = {"alpha": jnp.float32(0.1), "dt": jnp.float32(0.01)}
+        free = {"alpha": jnp.float32(0.0), "dt": jnp.float32(0.01)}
+        run = jax.jit(lambda p, i: deer(euler_lorenz, p, z0, xs, init=i, max_iter=30, throw=False))
+        cold = run(forced, jnp.broadcast_to(z0, init.shape))
+        warm = run(forced, init)
+        plain = run(free, init)
+        assert bool(cold.converged) and int(cold.iterations) <= 8, (T, int(cold.iterations))
+        assert bool(warm.converged) and int(warm.iterations) <= 4, (T, int(warm.iterations))
+        # α = 0 (plain DEER) on a chaotic map: no convergence (its linear steps overflow, or max_iter)
+        assert not bool(plain.converged) and int(plain.result) in (Result.MAX_ITER, Result.NONFINITE)
+        ref = sequential(euler_lorenz, forced, z0, xs)
+        np.testing.assert_allclose(warm.states, ref, atol=1e-3, rtol=1e-4)
+
+
+def test_nonconvergence_is_reported_and_poisons_the_gradient():
+    data = noisy_lorenz(2000)
+    forced = {"alpha": jnp.float32(0.1), "dt": jnp.float32(0.01)}
+    z0, xs = data[0], data[:-1]
+    sol = deer(euler_lorenz, forced, z0, xs, max_iter=2, throw=False)
+    assert not bool(sol.converged) and int(sol.result) == Result.MAX_ITER and int(sol.iterations) == 2
+    assert float(sol.residual) > 1e-3
+    g = jax.grad(lambda p: jnp.sum(deer(euler_lorenz, p, z0, xs, max_iter=2, throw=False).states))(forced)
+    assert all(bool(jnp.all(jnp.isnan(v))) for v in jax.tree.leaves(g))
+    with pytest.raises(Exception, match="Newton solve failed"):
+        jax.block_until_ready(jax.jit(lambda p: deer(euler_lorenz, p, z0, xs, max_iter=2).states)(forced))
+
+
+def test_fallback_finishes_sequentially():
+    data = noisy_lorenz(500)
+    free = {"alpha": jnp.float32(0.0), "dt": jnp.float32(0.01)}
+    z0, xs = data[0], data[:-1]
+    sol = deer(euler_lorenz, free, z0, xs, max_iter=2, fallback=True)
+    assert bool(sol.converged) and int(sol.result) == Result.FALLBACK
+    np.testing.assert_allclose(sol.states, sequential(euler_lorenz, free, z0, xs), rtol=1e-6, atol=1e-5)
+    g = jax.grad(lambda p: loss_fn(deer(euler_lorenz, p, z0, xs, max_iter=2, fallback=True).states))(free)
+    g_ref = jax.grad(lambda p: loss_fn(sequential(euler_lorenz, p, z0, xs)))(free)
+    assert rel_err(g, g_ref) < 1e-3
+
+
+def test_nonfinite_iterate_is_reported():
+    def blowup(p, z, x):
+        return jnp.exp(p * z) + x  # overflows within a few steps
+
+    sol = deer(blowup, jnp.float32(30.0), jnp.ones(2), jnp.ones((200, 2)), throw=False)
+    assert not bool(sol.converged)
+    assert int(sol.result) in (Result.NONFINITE, Result.MAX_ITER)
+    assert bool(jnp.all(jnp.isfinite(sol.states)))  # the non-finite iterate is not returned
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(z0=jnp.ones(3)), "step.* fails for z of shape"),
+    (dict(step=lambda p, z, x: jnp.concatenate([z, z])), "must return the state shape"),
+    (dict(z0=jnp.ones((2, 4))), "z0 must have shape"),
+    (dict(z0=jnp.array([0.0, jnp.nan, 0.0, 0.0])), "non-finite"),
+    (dict(xs=jnp.ones((0, 4))), "T=0"),
+    (dict(xs=(jnp.ones((10, 4)), jnp.ones((11, 4)))), "same leading time axis"),
+    (dict(init=jnp.ones((9, 4))), "init must have shape"),
+    (dict(jacobian="full"), "jacobian must be one of"),
+    (dict(mesh=jax.make_mesh((1,), ("data",))), "no axis named 'time'"),
+])
+def test_bad_inputs_raise_before_compute(bad, match):
+    step, params, z0, xs = problem("shplrnn", 10)
+    args = dict(z0=z0, xs=xs)
+    kwargs = {}
+    for k, v in bad.items():
+        (args if k in ("z0", "xs") else kwargs)[k] = v
+    if isinstance(args["xs"], tuple):
+        step = lambda p, z, x: z + x[0]  # noqa: E731
+    step = kwargs.pop("step", step)
+    with pytest.raises(ValueError, match=match):
+        deer(step, params, args["z0"], args["xs"], **kwargs)
+
+
+def test_public_api_names():
+    for name in ("sequential", "deer", "deer_batch", "deer_shard", "Solution", "Result", "SolverError"):
+        assert hasattr(distdeer, name)
+    assert distdeer.Solution._fields == ("states", "iterations", "converged", "residual", "result")
+    assert issubclass(SolverError, RuntimeError)
+
+
+def test_import_does_not_load_ray():
+    import subprocess
+    import sys
+    code = "import sys, distdeer, distdeer.bench.solver; assert 'ray' not in sys.modules, 'ray imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
