@@ -9,6 +9,7 @@ failed solve into an error when ``throw=True``.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -233,14 +234,14 @@ def deer(
         init = jnp.broadcast_to(z0, (T,) + z0.shape)
     init = jax.lax.stop_gradient(jnp.asarray(init, z0.dtype))
     if mesh is None:
-        sol = solve_slice(dyn, opts, ext, z0, xs, init)
+        sol = solve_slice(dyn, opts, False, ext, z0, xs, init)
     else:
         p = mesh.shape[axis_name]
         total = math.ceil(T / p) * p
         xs_p, init_p = _pad_time((xs, init), 0, total)
         t_spec, rep = P(axis_name), P()
         sharded = jax.shard_map(
-            lambda e, z, x, i: solve_slice(dyn, opts, e, z, x, i), mesh=mesh,
+            lambda e, z, x, i: solve_slice(dyn, opts, False, e, z, x, i), mesh=mesh,
             in_specs=(rep, rep, t_spec, t_spec), out_specs=Solution(t_spec, rep, rep, rep, rep))
         sol = sharded(_place(ext, mesh, rep), _place(z0, mesh, rep), _place(xs_p, mesh, t_spec),
                       _place(init_p, mesh, t_spec))
@@ -289,7 +290,7 @@ def deer_batch(
     if init is None:
         init = jnp.broadcast_to(z0[:, None, :], (B, T, z0.shape[1]))
     init = jax.lax.stop_gradient(jnp.asarray(init, z0.dtype))
-    solve_many = jax.vmap(lambda e, z, x, i: solve_slice(dyn, opts, e, z, x, i), in_axes=(None, 0, 0, 0))
+    solve_many = partial(solve_slice, dyn, opts, True)
     if not sharded:
         sol = solve_many(ext, z0, xs, init)
     else:
@@ -346,5 +347,5 @@ def deer_shard(
     if init is None:
         init = jnp.broadcast_to(z0, (n,) + z0.shape)
     init = jax.lax.stop_gradient(jnp.asarray(init, z0.dtype))
-    sol = solve_slice(dyn, opts, ext, z0, xs, init)
+    sol = solve_slice(dyn, opts, False, ext, z0, xs, init)
     return _raise_if_failed(sol, "deer_shard") if throw else sol

@@ -276,7 +276,11 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
         mu, mu_in, _, excess = lax.while_loop(unfinished, sweep, c0)
         adjoint_ok = excess <= 0
     lam = scale * jnp.where(valid[:, None], g + jnp.concatenate([mu[1:], mu_in[None]]), 0.0)
-    _, vjp_all = jax.vjp(lambda p, zp, x: _steps(dyn, p, zp, x), params, zprev, xs)
+    # Differentiate w.r.t. a copy of params marked varying like λ: the VJP then returns this device's
+    # partial sums, and _solve_bwd sums them over devices (and batch) exactly once, explicitly.
+    # (A VJP w.r.t. replicated params would psum implicitly, and under vmap its type would hide it.)
+    params_v = vma.like(params, lam, zprev)
+    _, vjp_all = jax.vjp(lambda p, zp, x: _steps(dyn, p, zp, x), params_v, zprev, xs)
     d_params, d_zprev, d_xs = vjp_all(lam)
     d_z0 = d_zprev[0]
     if ax is not None:
@@ -284,28 +288,47 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
     # An unconverged forward (or adjoint) solve must not yield a usable gradient.
     poison = jnp.where(usable & adjoint_ok, 1.0, jnp.nan)
     spoil = lambda t: t * poison.astype(t.dtype) if jnp.issubdtype(t.dtype, jnp.inexact) else t  # noqa: E731
-    d_params = jax.tree.map(lambda c, p: vma.reduce_to(spoil(c), p), d_params, params)
-    d_z0 = vma.reduce_to(spoil(d_z0), z0)
-    d_xs = jax.tree.map(spoil, d_xs)
-    return d_params, d_z0, d_xs
+    return jax.tree.map(spoil, (d_params, d_z0, d_xs))
 
 
 # ---------------------------------------------------------------------------------------------
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def solve_slice(dyn: Dynamics, opts: Options, params, z0, xs, init) -> Solution:
-    """Solve the recurrence on this slice by DEER; differentiable in params, z0 and xs (implicitly)."""
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def solve_slice(dyn: Dynamics, opts: Options, batched: bool, params, z0, xs, init) -> Solution:
+    """Solve the recurrence on this slice by DEER; differentiable in params, z0 and xs (implicitly).
+
+    ``batched=True``: ``z0``, ``xs``, ``init`` carry a leading batch axis of independent sequences
+    sharing ``params``.  The batch is mapped here, inside the custom VJP, so that the parameter
+    cotangent is summed over the batch and then over devices exactly once (mapping a custom VJP with
+    ``jax.vmap`` inside ``shard_map`` summed it once per ``data`` shard too many).
+    """
+    return _forward(dyn, opts, batched, params, z0, xs, init)
+
+
+def _forward(dyn, opts, batched, params, z0, xs, init):
+    if batched:
+        return jax.vmap(partial(_newton, dyn, opts), in_axes=(None, 0, 0, 0))(params, z0, xs, init)
     return _newton(dyn, opts, params, z0, xs, init)
 
 
-def _solve_fwd(dyn, opts, params, z0, xs, init):
-    sol = _newton(dyn, opts, params, z0, xs, init)
+def _solve_fwd(dyn, opts, batched, params, z0, xs, init):
+    sol = _forward(dyn, opts, batched, params, z0, xs, init)
     return sol, (params, z0, xs, sol.states, sol.converged, init)
 
 
-def _solve_bwd(dyn, opts, res, ct):
+def _solve_bwd(dyn, opts, batched, res, ct):
     params, z0, xs, Z, usable, init = res
-    d_params, d_z0, d_xs = _adjoint(dyn, opts, params, z0, xs, Z, usable, ct.states)
+    adjoint = partial(_adjoint, dyn, opts)
+    if batched:
+        d_params, d_z0, d_xs = jax.vmap(adjoint, in_axes=(None, 0, 0, 0, 0, 0))(
+            params, z0, xs, Z, usable, ct.states)
+        d_params = jax.tree.map(lambda c: jnp.sum(c, axis=0), d_params)
+    else:
+        d_params, d_z0, d_xs = adjoint(params, z0, xs, Z, usable, ct.states)
+    # Replicated inputs (params everywhere, z0 across the time axis) get cotangents summed over the
+    # devices that used them.
+    d_params = jax.tree.map(vma.reduce_to, d_params, params)
+    d_z0 = vma.reduce_to(d_z0, z0)
     return d_params, d_z0, d_xs, jnp.zeros_like(init)
 
 

@@ -1,0 +1,155 @@
+"""Time-sharded DEER on 1, 2, 3, 4 and 8 simulated CPU devices against the single-device reference.
+
+Run by tests/test_multidevice.py in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (not collected by the main pytest run).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from distdeer import Result, deer, deer_batch, deer_shard, sequential
+from problems import euler_lorenz, loss_fn, noisy_lorenz, problem, rel_err
+
+
+def test_eight_devices_are_simulated():
+    assert len(jax.devices()) == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+
+
+def mesh_of(n, kind="explicit", names=("time",), shape=None):
+    shape = shape or (n,)
+    if kind == "explicit":
+        return jax.make_mesh(shape, names, devices=jax.devices()[:n])
+    return Mesh(np.array(jax.devices()[:n]).reshape(shape), names)
+
+
+def grads(fn, step, params, z0, xs):
+    return jax.jit(jax.grad(lambda p, z, x: loss_fn(fn(p, z, x)), argnums=(0, 1, 2)))(params, z0, xs)
+
+
+CASES = [(n, name, jac) for n in (1, 2, 3, 4, 8)
+         for name, jac in (("shplrnn", "dense"), ("shplrnn", "diagonal"), ("clipped", "dense"),
+                           ("gru", "dense"), ("gru", "diagonal"))]
+
+
+@pytest.mark.parametrize("n,name,jacobian", CASES)
+def test_sharded_states_and_gradients(n, name, jacobian):
+    T = 4099
+    step, params, z0, xs = problem(name, T)
+    mesh = mesh_of(n, "explicit" if n % 2 == 0 else "auto")
+    ref = sequential(step, params, z0, xs)
+    solve = lambda p, z, x: deer(step, p, z, x, jacobian=jacobian, mesh=mesh)  # noqa: E731
+    sol = jax.jit(solve)(params, z0, xs)
+    assert bool(sol.converged) and sol.states.shape == (T, xs.shape[1] if name != "gru" else 4)
+    np.testing.assert_allclose(sol.states, ref, atol=5e-5, rtol=1e-4)
+    g = grads(lambda p, z, x: solve(p, z, x).states, step, params, z0, xs)
+    g_ref = grads(lambda p, z, x: sequential(step, p, z, x), step, params, z0, xs)
+    assert rel_err(g, g_ref) < 1e-4
+
+
+def test_iterations_do_not_depend_on_device_count():
+    step, params, z0, xs = problem("clipped", 3001)
+    its = {int(deer(step, params, z0, xs, mesh=mesh_of(n)).iterations) for n in (1, 2, 4, 8)}
+    assert len(its) == 1, its
+
+
+@pytest.mark.parametrize("T,n", [(1, 3), (5, 8), (9, 4), (15, 8)])
+def test_sequences_shorter_than_twice_the_devices(T, n):
+    step, params, z0, xs = problem("gru", T)
+    mesh = mesh_of(n)
+    sol = deer(step, params, z0, xs, mesh=mesh)
+    np.testing.assert_allclose(sol.states, sequential(step, params, z0, xs), atol=1e-6)
+    g = grads(lambda p, z, x: deer(step, p, z, x, mesh=mesh).states, step, params, z0, xs)
+    g_ref = grads(lambda p, z, x: sequential(step, p, z, x), step, params, z0, xs)
+    assert rel_err(g, g_ref) < 1e-4
+    # padded steps get no gradient and produce none: the xs cotangent has exactly T rows
+    assert g[2].shape == xs.shape
+
+
+def test_inputs_already_sharded_along_time():
+    T, n = 4096, 4
+    step, params, z0, xs = problem("shplrnn", T)
+    mesh = mesh_of(n)
+    xs_sharded = jax.device_put(xs, NamedSharding(mesh, P("time")))
+    sol = jax.jit(lambda x: deer(step, params, z0, x, mesh=mesh))(xs_sharded)
+    assert sol.states.sharding.spec[0] == "time"
+    np.testing.assert_allclose(sol.states, sequential(step, params, z0, xs), atol=5e-5)
+
+
+@pytest.mark.parametrize("kind,shape", [("explicit", (2, 4)), ("auto", (4, 2))])
+def test_batch_on_data_time_mesh(kind, shape):
+    B, T = 3, 1001  # neither divisible by the mesh
+    step, params, _, _ = problem("gru", T)
+    z0 = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (B, 4))
+    xs = jax.random.normal(jax.random.PRNGKey(2), (B, T, 2))
+    mesh = mesh_of(8, kind, ("data", "time"), shape)
+    seq = jax.vmap(lambda p, z, x: sequential(step, p, z, x), in_axes=(None, 0, 0))
+    sol = deer_batch(step, params, z0, xs, mesh=mesh)
+    assert sol.states.shape == (B, T, 4) and sol.iterations.shape == (B,)
+    np.testing.assert_allclose(sol.states, seq(params, z0, xs), atol=1e-5)
+    g = grads(lambda p, z, x: deer_batch(step, p, z, x, mesh=mesh).states, step, params, z0, xs)
+    g_ref = grads(lambda p, z, x: seq(p, z, x), step, params, z0, xs)
+    assert rel_err(g, g_ref) < 1e-4
+
+
+def test_vmap_around_a_sharded_call():
+    B, T = 2, 640
+    step, params, _, _ = problem("gru", T)
+    z0 = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (B, 4))
+    xs = jax.random.normal(jax.random.PRNGKey(2), (B, T, 2))
+    mesh = mesh_of(4, "auto")
+    f = jax.vmap(lambda p, z, x: deer(step, p, z, x, mesh=mesh).states, in_axes=(None, 0, 0))
+    seq = jax.vmap(lambda p, z, x: sequential(step, p, z, x), in_axes=(None, 0, 0))
+    np.testing.assert_allclose(jax.jit(f)(params, z0, xs), seq(params, z0, xs), atol=1e-5)
+    g = grads(f, step, params, z0, xs)
+    g_ref = grads(seq, step, params, z0, xs)
+    assert rel_err(g, g_ref) < 1e-4
+
+
+@pytest.mark.parametrize("jacobian", ["dense", "diagonal"])
+def test_kernel_inside_a_users_shard_map(jacobian):
+    T, n = 2048, 4
+    step, params, z0, xs = problem("clipped", T)
+    mesh = mesh_of(n, "auto")
+
+    def local_loss(p, z, x):
+        sol = deer_shard(step, p, z, x, axis_name="time", jacobian=jacobian)
+        return jax.lax.psum(loss_fn(sol.states), "time")
+
+    sharded_loss = jax.shard_map(local_loss, mesh=mesh, in_specs=(P(), P(), P("time")), out_specs=P())
+    value, g = jax.jit(jax.value_and_grad(sharded_loss, argnums=(0, 1, 2)))(params, z0, xs)
+    ref_value, g_ref = jax.value_and_grad(lambda p, z, x: loss_fn(sequential(step, p, z, x)),
+                                          argnums=(0, 1, 2))(params, z0, xs)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-4)
+    assert rel_err(g, g_ref) < 1e-4
+
+
+def test_sharded_failure_is_reported_and_fallback_is_exact():
+    data = noisy_lorenz(3000)
+    z0, xs = data[0], data[:-1]
+    forced = {"alpha": jnp.float32(0.1), "dt": jnp.float32(0.01)}
+    mesh = mesh_of(8)
+    sol = deer(euler_lorenz, forced, z0, xs, mesh=mesh, max_iter=2, throw=False)
+    assert not bool(sol.converged) and int(sol.result) == Result.MAX_ITER and int(sol.iterations) == 2
+    g = jax.jit(jax.grad(lambda p: jnp.sum(
+        deer(euler_lorenz, p, z0, xs, mesh=mesh, max_iter=2, throw=False).states)))(forced)
+    assert all(bool(jnp.all(jnp.isnan(v))) for v in jax.tree.leaves(g))
+    fb = deer(euler_lorenz, forced, z0, xs, mesh=mesh, max_iter=2, fallback=True)
+    assert int(fb.result) == Result.FALLBACK and bool(fb.converged)
+    np.testing.assert_allclose(fb.states, sequential(euler_lorenz, forced, z0, xs), rtol=1e-5, atol=1e-4)
+    with pytest.raises(Exception, match="Newton solve failed"):
+        jax.block_until_ready(deer(euler_lorenz, forced, z0, xs, mesh=mesh, max_iter=2).states)
+
+
+def test_gtf_on_chaotic_map_sharded():
+    T = 10_000
+    data = noisy_lorenz(T)
+    z0, xs, init = data[0], data[:-1], data[1:]
+    forced = {"alpha": jnp.float32(0.1), "dt": jnp.float32(0.01)}
+    mesh = mesh_of(8)
+    cold = deer(euler_lorenz, forced, z0, xs, mesh=mesh, max_iter=30)
+    warm = deer(euler_lorenz, forced, z0, xs, mesh=mesh, init=init, max_iter=30)
+    assert int(cold.iterations) <= 8 and int(warm.iterations) <= 4
+    np.testing.assert_allclose(warm.states, sequential(euler_lorenz, forced, z0, xs), atol=1e-3, rtol=1e-4)
