@@ -2,6 +2,7 @@
 
     distdeer bench solver --T 100000 --latent 3 --hidden 50 [--devices P] [--jacobian dense|diagonal]
                           [--alpha A] [--method blocked|associative] [--repeats R] [--json PATH]
+    distdeer bench gtf --T 10000,100000,1000000 [--alpha 0.1] [--max-iter 50] [--json PATH]
 
 Bad input is reported in one line on stderr with exit code 2, before anything is computed or written.
 """
@@ -55,7 +56,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--skip-sequential", action="store_true", help="time DEER only (huge T)")
     s.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
+    t = commands.add_parser("train", help="train a model (resumes when the run directory has checkpoints)")
+    t.add_argument("config", help="YAML config (see configs/)")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    i = commands.add_parser("inspect", help="print a run directory's state as JSON")
+    i.add_argument("run_dir")
+    d = commands.add_parser("data", help="generate or import trajectories (tensorstore zarr3)")
+    dsub = d.add_subparsers(dest="data", required=True, parser_class=_Parser)
+    gen = dsub.add_parser("generate", help="integrate a system")
+    gen.add_argument("system", choices=("lorenz63", "rossler", "lorenz96", "slowfast"))
+    gen.add_argument("--steps", type=_positive("--steps"), required=True)
+    gen.add_argument("--dt", type=float, default=0.01)
+    gen.add_argument("--noise", type=float, default=0.0, help="observation noise, fraction of the std")
+    gen.add_argument("--dim", type=_positive("--dim"), default=10, help="dimension (lorenz96)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", required=True, help="PATH.zarr")
+    imp = dsub.add_parser("import", help="validate and store a .npy/.csv series")
+    imp.add_argument("file")
+    imp.add_argument("--out", required=True, help="PATH.zarr")
+    g = which.add_parser("gtf", help="Newton iterations of GTF-DEER vs plain DEER on chaotic Lorenz-63")
+    g.add_argument("--T", type=_lengths, default=[10_000, 100_000, 1_000_000],
+                   help="comma-separated sequence lengths")
+    g.add_argument("--alpha", type=float, default=0.1)
+    g.add_argument("--max-iter", type=_positive("--max-iter"), default=50)
+    g.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
     return parser
+
+
+def _lengths(text):
+    try:
+        values = [int(float(v)) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--T must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"--T must list lengths >= 1, got {text!r}")
+    return values
 
 
 def _check_output(path: str | None) -> None:
@@ -93,11 +128,102 @@ def _bench_solver(args) -> int:
     return 0
 
 
+def _bench_gtf(args) -> int:
+    _check_output(args.json)
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UsageError(f"--alpha must lie in [0, 1], got {args.alpha}")
+    import json
+
+    from distdeer.bench import chaos
+
+    rows = chaos.run(args.T, alpha=args.alpha, max_iter=args.max_iter)
+    print(chaos.report(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+def _user_errors():
+    """Exceptions that mean bad input (reported in one line, exit 2)."""
+    from distdeer.config import ConfigError
+    from distdeer.data.store import DataError
+    from distdeer.train.checkpoint import CheckpointError
+
+    return ConfigError, DataError, CheckpointError
+
+
+def _train(args) -> int:
+    from distdeer import config
+    from distdeer.train import loop
+
+    try:
+        cfg = config.load(args.config, args.overrides)
+        summary = loop.run(cfg)
+    except _user_errors() as e:
+        raise UsageError(str(e)) from None
+    where = os.path.abspath(summary["run_dir"])
+    state = "stopped (signal) at" if summary["stopped"] else "finished at"
+    print(f"distdeer: {state} step {summary['step']}; results in {where} "
+          f"(metrics.jsonl, checkpoints/, loss.png); params sha256 {summary['params_sha256'][:16]}…")
+    return 0
+
+
+def _inspect(args) -> int:
+    import json
+
+    from distdeer.train import loop
+
+    try:
+        print(json.dumps(loop.inspect(args.run_dir), indent=2))
+    except _user_errors() as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
+def _data(args) -> int:
+    import numpy as np
+
+    from distdeer.data import store, systems
+
+    if os.path.exists(args.out):
+        raise UsageError(f"--out {args.out} already exists")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out: directory {parent} does not exist")
+    if not args.out.rstrip("/").endswith(".zarr"):
+        raise UsageError("--out must name a .zarr path")
+    try:
+        if args.data == "generate":
+            if args.dt <= 0 or args.noise < 0:
+                raise UsageError("--dt must be > 0 and --noise >= 0")
+            raw = np.asarray(systems.generate(args.system, args.steps, args.dt, args.noise, args.seed, args.dim),
+                             np.float64)
+            attrs = {"system": args.system, "dt": args.dt, "noise": args.noise, "seed": args.seed}
+        else:
+            raw = store.read_raw(args.file)
+            attrs = {"source": os.path.abspath(args.file)}
+        z, mean, std = store.standardise(store.check_series(raw, args.out))
+        store.write(args.out, z, mean=mean, std=std, attrs=attrs)
+    except (ValueError,) as e:
+        raise UsageError(str(e)) from None
+    print(f"distdeer: wrote {z.shape[0]} x {z.shape[1]} standardised series to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command == "bench" and args.bench == "solver":
             return _bench_solver(args)
+        if args.command == "bench" and args.bench == "gtf":
+            return _bench_gtf(args)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "inspect":
+            return _inspect(args)
+        if args.command == "data":
+            return _data(args)
         raise UsageError(f"unknown command {args.command}")
     except UsageError as e:
         print(f"distdeer: error: {e}", file=sys.stderr)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from distdeer import gtf
-from distdeer.data import systems
+from distdeer.bench.chaos import euler_lorenz, noisy_lorenz  # noqa: F401  (shared test problems)
 from distdeer.models import plrnn
 
 
@@ -53,19 +53,6 @@ def problem(name: str, T: int, dtype=jnp.float32, seed: int = 0):
     if name == "gru":
         return gru_problem(T, dtype=dtype, seed=seed)
     return plrnn_problem(name, T, dtype=dtype, seed=seed)
-
-
-def euler_lorenz(p, z, zhat):
-    """Explicit-Euler Lorenz-63 map (dt in p), GTF-forced towards ``zhat`` with strength p['alpha']."""
-    zt = zhat + (1.0 - p["alpha"]) * (z - zhat)
-    return zt + p["dt"] * systems.lorenz63_field(zt)
-
-
-def noisy_lorenz(T: int, noise: float = 0.05, seed: int = 0):
-    """Accurately integrated (RK4, 10 sub-steps) Lorenz-63 with observation noise: not a trajectory of
-    the Euler map, so it is not itself the fixed point."""
-    x = systems.lorenz63(T + 1, dt=0.01, seed=seed)
-    return x + noise * x.std(0) * jax.random.normal(jax.random.PRNGKey(seed + 100), x.shape)
 
 
 def loss_fn(states):

@@ -48,3 +48,51 @@ def lorenz63(steps: int, dt: float = 0.01, seed: int = 0, transient: int = 1000)
 def standardise(x: jax.Array) -> jax.Array:
     """Zero mean, unit variance per dimension."""
     return (x - x.mean(0)) / x.std(0)
+
+
+def rossler_field(x: jax.Array, a: float = 0.2, b: float = 0.2, c: float = 5.7) -> jax.Array:
+    """Rössler ``(−y−z, x+ay, b+z(x−c))``."""
+    return jnp.stack([-x[1] - x[2], x[0] + a * x[1], b + x[2] * (x[0] - c)])
+
+
+def lorenz96_field(x: jax.Array, forcing: float = 8.0) -> jax.Array:
+    """Lorenz-96 ``dx_i = (x_{i+1} − x_{i−2}) x_{i−1} − x_i + F`` (cyclic)."""
+    return (jnp.roll(x, -1) - jnp.roll(x, 2)) * jnp.roll(x, 1) - x + forcing
+
+
+SLOW_PERIOD = 200.0  # time units: ≥ 100× the fast Lorenz-63 time scale (one loop ≈ 0.7–1 time unit)
+
+
+def slowfast_field(x: jax.Array, period: float = SLOW_PERIOD, depth: float = 10.0) -> jax.Array:
+    """Slow–fast system: Lorenz-63 whose ρ is modulated by a slow harmonic oscillator ``(u, v)``,
+    ``ρ = 28 + depth·u``, period ``period`` time units (200: ≥ 100× the fast time scale).  Only the
+    three Lorenz variables are observed; the slow drive is hidden and must be learned."""
+    w = 2.0 * jnp.pi / period
+    rho = 28.0 + depth * x[3]
+    fast = lorenz63_field(x[:3], rho=rho)
+    return jnp.concatenate([fast, jnp.stack([-w * x[4], w * x[3]])])
+
+
+def generate(system: str, steps: int, dt: float = 0.01, noise: float = 0.0, seed: int = 0,
+             dim: int = 10, transient: int = 2000) -> jax.Array:
+    """Observations ``(steps, N)`` of ``system`` sampled every ``dt`` after a transient, with Gaussian
+    observation noise of ``noise`` × the per-dimension standard deviation; not standardised."""
+    key = jax.random.PRNGKey(seed)
+    k0, kn = jax.random.split(key)
+    if system == "lorenz63":
+        x0, field, observed = jnp.array([1.0, 1.0, 20.0]), lorenz63_field, 3
+    elif system == "rossler":
+        x0, field, observed = jnp.array([1.0, 1.0, 0.0]), rossler_field, 3
+    elif system == "lorenz96":
+        if dim < 4:
+            raise ValueError(f"lorenz96 needs dim >= 4, got {dim}")
+        x0, field, observed = jnp.full((dim,), 8.0).at[0].add(0.01), lorenz96_field, dim
+    elif system == "slowfast":
+        x0, field, observed = jnp.array([1.0, 1.0, 20.0, 1.0, 0.0]), slowfast_field, 3
+    else:
+        raise ValueError(f"unknown system {system!r} (lorenz63, rossler, lorenz96, slowfast)")
+    x0 = x0.at[:observed].add(0.1 * jax.random.normal(k0, (observed,)))
+    x = integrate(field, x0, steps, dt, transient=transient)[:, :observed]
+    if noise > 0:
+        x = x + noise * x.std(0) * jax.random.normal(kn, x.shape)
+    return x

@@ -71,3 +71,56 @@ def clipped_shplrnn_jac(params: dict, z: jax.Array) -> jax.Array:
 
 def clipped_shplrnn_jac_diag(params: dict, z: jax.Array) -> jax.Array:
     return params["a"] + (params["W1"] * params["W2"].T) @ _clipped_gate(params, z)
+
+
+def init_alrnn(key: jax.Array, latent: int, dtype=jnp.float32) -> dict:
+    """ALRNN: diagonal ``a`` near 0.9, coupling ``W`` (M, M) scaled by 1/√M, bias ``h``."""
+    k1, k2 = jax.random.split(key)
+    return {
+        "a": jnp.full((latent,), 0.9, dtype) + 0.05 * jax.random.uniform(k1, (latent,), dtype, -1, 1),
+        "W": 0.5 * jax.random.normal(k2, (latent, latent), dtype) / jnp.sqrt(latent).astype(dtype),
+        "h": jnp.zeros((latent,), dtype),
+    }
+
+
+def _alrnn_gate(z, nonlinear: int):
+    """φ'(z): 1 on the first M−P (linear) units, 1[z > 0] on the last P."""
+    linear = jnp.arange(z.shape[0]) < z.shape[0] - nonlinear
+    return jnp.where(linear, 1.0, (z > 0)).astype(z.dtype)
+
+
+def alrnn(params: dict, z: jax.Array, nonlinear: int) -> jax.Array:
+    """``F(z) = a ⊙ z + W φ(z) + h``, ``φ`` the identity on the first M−P units and ReLU on the last
+    P = ``nonlinear`` (static)."""
+    return params["a"] * z + params["W"] @ (_alrnn_gate(z, nonlinear) * z) + params["h"]
+
+
+def alrnn_jac(params: dict, z: jax.Array, nonlinear: int) -> jax.Array:
+    """``J(z) = diag(a) + W diag(φ'(z))``."""
+    return jnp.diag(params["a"]) + params["W"] * _alrnn_gate(z, nonlinear)[None, :]
+
+
+def alrnn_jac_diag(params: dict, z: jax.Array, nonlinear: int) -> jax.Array:
+    return params["a"] + jnp.diagonal(params["W"]) * _alrnn_gate(z, nonlinear)
+
+
+def init_plrnn(key: jax.Array, latent: int, dtype=jnp.float32) -> dict:
+    """PLRNN: diagonal ``A`` (stored as the vector ``a``), off-diagonal ``W``, bias ``h``."""
+    k1, k2 = jax.random.split(key)
+    W = 0.5 * jax.random.normal(k2, (latent, latent), dtype) / jnp.sqrt(latent).astype(dtype)
+    return {"a": jnp.full((latent,), 0.9, dtype) + 0.05 * jax.random.uniform(k1, (latent,), dtype, -1, 1),
+            "W": W * (1 - jnp.eye(latent, dtype=dtype)), "h": jnp.zeros((latent,), dtype)}
+
+
+def plrnn(params: dict, z: jax.Array) -> jax.Array:
+    """``F(z) = A z + W relu(z) + h`` with ``A = diag(a)``."""
+    return params["a"] * z + params["W"] @ jax.nn.relu(z) + params["h"]
+
+
+def plrnn_jac(params: dict, z: jax.Array) -> jax.Array:
+    """``J(z) = diag(a) + W diag(1[z > 0])``."""
+    return jnp.diag(params["a"]) + params["W"] * (z > 0).astype(z.dtype)[None, :]
+
+
+def plrnn_jac_diag(params: dict, z: jax.Array) -> jax.Array:
+    return params["a"] + jnp.diagonal(params["W"]) * (z > 0).astype(z.dtype)

@@ -1,0 +1,232 @@
+"""Typed run configuration: nested dataclasses that the YAML file mirrors key for key.
+
+``load(path, overrides)`` reads a YAML file, applies ``dotted.key=value`` overrides (values parsed as
+YAML), and rejects unknown keys and wrong types with a ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used (unknown key, wrong type, bad value)."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    dir: str = "runs/lorenz63"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: str | None = None  # .zarr or .npy; None: generate `system` in memory
+    system: str = "lorenz63"  # generator used when path is None
+    steps: int = 100_000
+    dt: float = 0.01
+    noise: float = 0.05
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    kind: str = "clipped_shplrnn"  # shplrnn | clipped_shplrnn | alrnn | plrnn
+    latent: int = 3  # M
+    hidden: int = 50  # L (shPLRNN family)
+    nonlinear: int = 2  # P (ALRNN): units passed through the ReLU
+    readout: str = "identity"  # identity (first N units) | affine (x = B z + b)
+
+
+@dataclasses.dataclass
+class GTFConfig:
+    mode: str = "adaptive"  # adaptive | constant
+    alpha: float = 1.0  # constant α, or the starting α of the adaptive schedule
+    norm: str = "geometric"  # geometric (product upper bound) | max | mean
+    every: int = 5  # re-estimate α every k steps
+    decay: float = 0.1  # α decays with time constant decay × train.steps (γ derived from it)
+    sample: int = 4096  # time points used for the Jacobian-norm estimate
+
+
+@dataclasses.dataclass
+class SolverConfig:
+    jacobian: str = "dense"
+    max_iter: int = 50
+    fallback: bool = True  # finish a failed Newton solve sequentially (exact) instead of skipping the step
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 2000
+    seq_len: int | None = None  # None: the whole series (sharded over "time"); else windows of this length
+    batch: int = 16  # windows per step (window mode)
+    lr: float = 1e-3
+    lr_end: float = 1e-6  # exponential decay from lr to lr_end over `steps`
+    clip: float = 10.0  # global-norm clipping; 0 disables
+    lambda_lat: float = 1e-5
+    log_every: int = 10
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every: int = 200
+    keep: int = 3
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    devices: int | None = None  # None: all local devices
+
+
+@dataclasses.dataclass
+class Config:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    seed: int = 0
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    gtf: GTFConfig = dataclasses.field(default_factory=GTFConfig)
+    solver: SolverConfig = dataclasses.field(default_factory=SolverConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+CHOICES = {
+    "data.system": ("lorenz63", "rossler", "lorenz96", "slowfast"),
+    "model.kind": ("shplrnn", "clipped_shplrnn", "alrnn", "plrnn"),
+    "model.readout": ("identity", "affine"),
+    "gtf.mode": ("adaptive", "constant"),
+    "gtf.norm": ("geometric", "max", "mean"),
+    "solver.jacobian": ("dense", "diagonal"),
+}
+POSITIVE = ("data.steps", "data.dt", "model.latent", "model.hidden", "gtf.every", "gtf.decay", "gtf.sample",
+            "solver.max_iter", "train.steps", "train.batch", "train.lr", "train.lr_end", "train.log_every",
+            "checkpoint.every", "checkpoint.keep", "train.seq_len", "mesh.devices")
+NON_NEGATIVE = ("data.noise", "model.nonlinear", "train.clip", "train.lambda_lat")
+
+
+def _check_type(key: str, value: Any, tp) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _check_type(key, value, option)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_name(tp)}, got {value!r}")
+
+
+def _name(tp) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else tp.__name__
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict, strictly."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(prefix + name, value, tp)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def validate(cfg: Config) -> Config:
+    """Value checks that types cannot express."""
+    flat = {}
+    for section, values in to_dict(cfg).items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{k}": v for k, v in values.items()})
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {flat[key]!r}")
+    for key in POSITIVE:
+        if flat[key] is not None and flat[key] <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {flat[key]}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {flat[key]}")
+    if not 0.0 <= cfg.gtf.alpha <= 1.0:
+        raise ConfigError(f"gtf.alpha: must lie in [0, 1], got {cfg.gtf.alpha}")
+    if cfg.train.lr_end > cfg.train.lr:
+        raise ConfigError(f"train.lr_end ({cfg.train.lr_end}) must not exceed train.lr ({cfg.train.lr})")
+    if cfg.model.kind == "alrnn" and cfg.model.nonlinear > cfg.model.latent:
+        raise ConfigError(f"model.nonlinear ({cfg.model.nonlinear}) exceeds model.latent ({cfg.model.latent})")
+    if cfg.train.seq_len is not None and cfg.train.seq_len < 2:
+        raise ConfigError(f"train.seq_len: must be >= 2 or null (whole series), got {cfg.train.seq_len}")
+    return cfg
+
+
+def load(path: str | None, overrides: list[str] = ()) -> Config:
+    """Read ``path`` (YAML; None: defaults) and apply ``key=value`` overrides; strict."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        _set(raw, key.strip(), value)
+    return validate(from_dict(Config, raw))
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,116 @@
+"""A latent model with its readout, as configured: ``z_t = F_θ(z_{t-1})``, ``x̂_t = G(z_t)``.
+
+Parameters are ``{"F": <model map params>, "readout": <readout params>}``.  Readouts (DESIGN §2.2):
+
+* ``identity``: ``x̂ = z[:N]``; forcing ``ẑ_t = [x_t; 0]`` on the first N units only; initial state
+  ``z_0 = [x_0; L x_0]`` with a learned ``L`` ((M−N) × N) for the unobserved units.
+* ``affine``: ``x̂ = B z + b``; forcing ``ẑ_t = pinv(B)(x_t − b)`` on all units; ``z_0 = ẑ_0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from distdeer.config import ModelConfig
+from distdeer.models import plrnn
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    kind: str
+    latent: int  # M
+    observed: int  # N
+    hidden: int = 50
+    nonlinear: int = 2
+    readout: str = "identity"
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, observed: int) -> "Model":
+        if cfg.readout == "identity" and cfg.latent < observed:
+            raise ValueError(f"model.latent ({cfg.latent}) is smaller than the observed dimension "
+                             f"({observed}); an identity readout needs latent >= observed")
+        return cls(cfg.kind, cfg.latent, observed, cfg.hidden, cfg.nonlinear, cfg.readout)
+
+    # -- the map and its Jacobians -------------------------------------------------------------
+    def _fns(self) -> tuple[Callable, Callable, Callable]:
+        if self.kind == "shplrnn":
+            return plrnn.shplrnn, plrnn.shplrnn_jac, plrnn.shplrnn_jac_diag
+        if self.kind == "clipped_shplrnn":
+            return plrnn.clipped_shplrnn, plrnn.clipped_shplrnn_jac, plrnn.clipped_shplrnn_jac_diag
+        if self.kind == "alrnn":
+            return tuple(partial(f, nonlinear=self.nonlinear)
+                         for f in (plrnn.alrnn, plrnn.alrnn_jac, plrnn.alrnn_jac_diag))
+        if self.kind == "plrnn":
+            return plrnn.plrnn, plrnn.plrnn_jac, plrnn.plrnn_jac_diag
+        raise ValueError(f"unknown model kind {self.kind!r}")
+
+    @property
+    def F(self) -> Callable:
+        return self._fns()[0]
+
+    @property
+    def jac(self) -> Callable:
+        return self._fns()[1]
+
+    @property
+    def jac_diag(self) -> Callable:
+        return self._fns()[2]
+
+    def init(self, key: jax.Array) -> dict:
+        kf, kr = jax.random.split(key)
+        M, N = self.latent, self.observed
+        if self.kind in ("shplrnn", "clipped_shplrnn"):
+            F = plrnn.init_shplrnn(kf, M, self.hidden)
+        elif self.kind == "alrnn":
+            F = plrnn.init_alrnn(kf, M)
+        else:
+            F = plrnn.init_plrnn(kf, M)
+        if self.readout == "identity":
+            readout = {"L": jnp.zeros((M - N, N))} if M > N else {}  # Orbax stores no empty arrays
+        else:
+            # Rows near-orthonormal: the pseudo-inverse is well conditioned at the start.
+            B = jnp.linalg.qr(jax.random.normal(kr, (M, N)))[0].T
+            readout = {"B": B, "b": jnp.zeros((N,))}
+        return {"F": F, "readout": readout}
+
+    # -- readout and forcing ---------------------------------------------------------------------
+    def forced_mask(self) -> jax.Array:
+        if self.readout == "identity":
+            return (jnp.arange(self.latent) < self.observed).astype(jnp.float32)
+        return jnp.ones((self.latent,), jnp.float32)
+
+    def observe(self, params: dict, z: jax.Array) -> jax.Array:
+        """``G(z)`` for states ``(..., M)`` → ``(..., N)``."""
+        if self.readout == "identity":
+            return z[..., : self.observed]
+        r = params["readout"]
+        return z @ r["B"].T + r["b"]
+
+    def forcing(self, params: dict, x: jax.Array) -> jax.Array:
+        """Forcing states ``ẑ`` ``(T, M)`` from observations ``(T, N)`` by inverting the readout."""
+        if self.readout == "identity":
+            return jnp.concatenate([x, jnp.zeros(x.shape[:-1] + (self.latent - self.observed,), x.dtype)], -1)
+        r = params["readout"]
+        return (x - r["b"]) @ jnp.linalg.pinv(r["B"]).T
+
+    def initial_state(self, params: dict, x0: jax.Array) -> jax.Array:
+        if self.readout == "identity":
+            if self.latent == self.observed:
+                return x0
+            return jnp.concatenate([x0, params["readout"]["L"] @ x0])
+        return self.forcing(params, x0[None])[0]
+
+    def regulariser(self, params: dict, lam: float) -> jax.Array:
+        """``λ (‖1 − a‖² + Σ ‖other map weights‖²)`` (pulls ``a`` towards 1), plus for an affine readout
+        ``λ ‖B Bᵀ − I‖²`` so that its pseudo-inverse stays well conditioned."""
+        F = params["F"]
+        reg = jnp.sum((1.0 - F["a"]) ** 2) + sum(jnp.sum(v ** 2) for k, v in F.items() if k != "a")
+        if self.readout == "affine":
+            B = params["readout"]["B"]
+            reg = reg + jnp.sum((B @ B.T - jnp.eye(self.observed)) ** 2)
+        return lam * reg

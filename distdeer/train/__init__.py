@@ -1,0 +1,1 @@
+"""Training: the step (GTF-DEER + optax), checkpoints (Orbax) and the loop."""

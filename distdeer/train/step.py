@@ -1,0 +1,160 @@
+"""One GTF-DEER training step: forcing → forced step → DEER solve → loss → implicit adjoint → optax.
+
+Two modes, chosen by ``train.seq_len``:
+
+* whole series (``null``): one sequence of length T, time-sharded over the mesh's ``"time"`` axis;
+  Newton is warm-started from the previous step's solution (kept in the state, unpadded);
+* windows: ``train.batch`` windows of ``seq_len`` steps at start indices drawn from ``fold_in(seed,
+  step)``, solved as a batch (``deer_batch``; sharded over a ``"data"`` axis), warm-started from the data.
+
+Adaptive GTF (DESIGN §2.2): every ``gtf.every`` steps, 𝒩 is estimated from the model Jacobians
+``J_F(z̃_t)`` along the forced trajectory; ``α_est = max(0, 1 − 1/𝒩)``; α jumps up to ``α_est`` at once
+and otherwise decays towards it, ``α ← γ α + (1 − γ) α_est``, with ``γ = exp(−every / (decay · steps))``
+so that the decay time is a fixed fraction of the configured training length.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from distdeer.config import Config
+from distdeer.gtf import ForcedStep, alpha_from_norm
+from distdeer.models import Model
+from distdeer.solver import deer, deer_batch
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: Any
+    alpha: jax.Array  # float32 scalar: current GTF forcing strength
+    warm: jax.Array  # (T, M) Newton warm start (whole-series mode) or an unused (1, M)
+    step: jax.Array  # int32: completed updates
+
+
+class StepMetrics(NamedTuple):
+    loss: jax.Array
+    mse: jax.Array
+    alpha: jax.Array
+    alpha_estimate: jax.Array
+    newton_iterations: jax.Array
+    newton_residual: jax.Array
+    converged: jax.Array
+    result: jax.Array
+    lr: jax.Array
+    grad_norm: jax.Array
+
+
+def learning_rate(cfg: Config) -> optax.Schedule:
+    """Exponential decay from ``train.lr`` to ``train.lr_end`` over ``train.steps``."""
+    return optax.exponential_decay(cfg.train.lr, cfg.train.steps, cfg.train.lr_end / cfg.train.lr)
+
+
+def optimizer(cfg: Config) -> optax.GradientTransformation:
+    parts = [optax.clip_by_global_norm(cfg.train.clip)] if cfg.train.clip > 0 else []
+    return optax.chain(*parts, optax.radam(learning_rate(cfg)))
+
+
+def gamma(cfg: Config) -> float:
+    return math.exp(-cfg.gtf.every / (cfg.gtf.decay * cfg.train.steps))
+
+
+def init_state(model: Model, cfg: Config, series: jax.Array) -> TrainState:
+    """Fresh parameters (from ``seed``); the first Newton guess is the data's forcing states."""
+    params = model.init(jax.random.PRNGKey(cfg.seed))
+    if cfg.train.seq_len is None:
+        warm = model.forcing(params, jnp.asarray(series))[1:]
+    else:
+        warm = jnp.zeros((1, model.latent), jnp.float32)  # unused placeholder (Orbax stores no empty arrays)
+    alpha = cfg.gtf.alpha
+    return TrainState(params, optimizer(cfg).init(params), jnp.float32(alpha), warm, jnp.int32(0))
+
+
+def _jacobian_norm(model: Model, params, zt: jax.Array, kind: str, sample: int) -> jax.Array:
+    """𝒩 over (a strided sample of) forced states ``zt`` (..., T, M); ``max`` takes the batch maximum
+    of per-sequence geometric means."""
+    stride = max(1, zt.shape[-2] // sample)
+    z = zt[..., ::stride, :]
+    norms = jnp.linalg.norm(jax.vmap(lambda v: model.jac(params["F"], v))(z.reshape(-1, z.shape[-1])), 2, axis=(1, 2))
+    norms = norms.reshape(z.shape[:-1])
+    logs = jnp.log(jnp.maximum(norms, 1e-30))
+    if kind == "geometric":
+        return jnp.exp(jnp.mean(logs))
+    if kind == "max":
+        return jnp.max(jnp.exp(jnp.mean(logs, axis=-1)))
+    return jnp.mean(norms)
+
+
+def make_train_step(model: Model, cfg: Config, mesh=None):
+    """Returns ``train_step(state, series) -> (state, StepMetrics)`` (to be jitted).
+
+    ``series``: standardised observations ``(T_total, N)``.  In window mode the windows are cut from it
+    inside the step, so that the step is a pure function of (state, series, seed)."""
+    opt = optimizer(cfg)
+    lr = learning_rate(cfg)
+    mask = model.forced_mask()
+    g = gamma(cfg)
+    solver_kw = dict(jacobian=cfg.solver.jacobian, max_iter=cfg.solver.max_iter, fallback=cfg.solver.fallback,
+                     throw=False)
+    whole = cfg.train.seq_len is None
+
+    def forced(alpha):
+        return ForcedStep(model.F, alpha, mask, model.jac, model.jac_diag)
+
+    def one_sequence(params, alpha, x, warm):
+        """x: (S+1, N) → (mse, Solution, forced states z̃ (S, M))."""
+        zhat = model.forcing(params, x)
+        z0 = model.initial_state(params, x[0])
+        sol = deer(forced(alpha), params["F"], z0, zhat[:-1], init=warm, mesh=mesh, **solver_kw)
+        pred = model.observe(params, sol.states)
+        zprev = jnp.concatenate([z0[None], sol.states[:-1]])
+        return jnp.mean((pred - x[1:]) ** 2), sol, forced(alpha).forced_state(zprev, zhat[:-1])
+
+    def windows_loss(params, alpha, xw):
+        zhat = jax.vmap(model.forcing, in_axes=(None, 0))(params, xw)
+        z0 = jax.vmap(model.initial_state, in_axes=(None, 0))(params, xw[:, 0])
+        sol = deer_batch(forced(alpha), params["F"], z0, zhat[:, :-1], init=zhat[:, 1:], mesh=mesh,
+                         **solver_kw)
+        pred = model.observe(params, sol.states)
+        zprev = jnp.concatenate([z0[:, None], sol.states[:, :-1]], axis=1)
+        zt = jax.vmap(forced(alpha).forced_state)(zprev, zhat[:, :-1])
+        return jnp.mean((pred - xw[:, 1:]) ** 2), sol, zt
+
+    def loss_fn(params, alpha, series, warm, step):
+        if whole:
+            mse, sol, zt = one_sequence(params, alpha, series, warm)
+        else:
+            S = cfg.train.seq_len
+            key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
+            starts = jax.random.randint(key, (cfg.train.batch,), 0, series.shape[0] - S)
+            xw = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(series, s, S + 1))(starts)
+            mse, sol, zt = windows_loss(params, alpha, xw)
+        return mse + model.regulariser(params, cfg.train.lambda_lat), (mse, sol, zt)
+
+    def train_step(state: TrainState, series: jax.Array):
+        (loss, (mse, sol, zt)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.alpha, series, state.warm, state.step)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(grad_norm) & jnp.all(sol.converged)
+        updates, opt_state = opt.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # A failed solve (no fallback) yields NaN gradients by design: skip that update entirely.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        estimate = alpha_from_norm(_jacobian_norm(model, state.params, jax.lax.stop_gradient(zt),
+                                                  cfg.gtf.norm, cfg.gtf.sample))
+        alpha = state.alpha
+        if cfg.gtf.mode == "adaptive":
+            proposed = jnp.where(estimate > alpha, estimate, g * alpha + (1 - g) * estimate)
+            alpha = jnp.where(state.step % cfg.gtf.every == 0, proposed, alpha).astype(jnp.float32)
+        warm = jnp.where(ok, sol.states, state.warm) if whole else state.warm
+        metrics = StepMetrics(loss, mse, state.alpha, estimate, jnp.max(sol.iterations),
+                              jnp.max(sol.residual), jnp.all(sol.converged), jnp.max(sol.result),
+                              lr(state.step), grad_norm)
+        return TrainState(params, opt_state, alpha, warm, state.step + 1), metrics
+
+    return train_step
