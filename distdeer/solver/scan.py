@@ -114,18 +114,24 @@ def _blocked_pass(A, b, diagonal, transpose, reverse, K):
         # Identity maps with zero offset pass the state through unchanged, wherever they stand.
         A = jnp.concatenate([A, identity((pad,), m, A.dtype, diagonal=diagonal)])
         b = jnp.concatenate([b, jnp.zeros((pad, m), b.dtype)])
-    # (B·K, …) -> (K, B, …): scan over the position inside a block, vectorised over blocks.
-    Ak = jnp.swapaxes(A.reshape((B, K) + A.shape[1:]), 0, 1)
-    bk = jnp.swapaxes(b.reshape(B, K, m), 0, 1)
+    # (B, K, …) views: block j holds steps j·K … j·K+K−1.  The in-block loops index position k of
+    # every block at once (a strided read) instead of transposing to (K, B, …): a transposed copy of
+    # the maps would cost another n·M² floats (1 GiB at T = 2^20, M = 16).
+    Ab = A.reshape((B, K) + A.shape[1:])
+    bb = b.reshape(B, K, m)
 
-    def block_maps(carry, ab):
+    def position(k):
+        return K - 1 - k if reverse else k
+
+    def block_maps(k, carry):
         S, s = carry
-        a, bb = ab
+        a = lax.dynamic_index_in_dim(Ab, position(k), axis=1, keepdims=False)
+        c = lax.dynamic_index_in_dim(bb, position(k), axis=1, keepdims=False)
         return (compose(a, S, diagonal=diagonal, transpose=transpose),
-                apply(a, s, diagonal=diagonal, transpose=transpose) + bb), None
+                apply(a, s, diagonal=diagonal, transpose=transpose) + c)
 
     init = vma.like((identity((B,), m, A.dtype, diagonal=diagonal), jnp.zeros((B, m), b.dtype)), A, b)
-    (Sb, sb), _ = lax.scan(block_maps, init, (Ak, bk), reverse=reverse)
+    Sb, sb = lax.fori_loop(0, K, block_maps, init)
 
     # The block maps Sb are explicit matrices: apply them untransposed from here on.
     def slice_map(carry, blk):
@@ -142,12 +148,17 @@ def _blocked_pass(A, b, diagonal, transpose, reverse, K):
 
         _, h_blocks = lax.scan(into_blocks, vma.like(h, Sb, sb), (Sb, sb), reverse=reverse)
 
-        def states(z, ab):
-            z = apply(ab[0], z, diagonal=diagonal, transpose=transpose) + ab[1]
-            return z, z
+        def states(k, carry):
+            z, out = carry
+            j = position(k)
+            a = lax.dynamic_index_in_dim(Ab, j, axis=1, keepdims=False)
+            c = lax.dynamic_index_in_dim(bb, j, axis=1, keepdims=False)
+            z = apply(a, z, diagonal=diagonal, transpose=transpose) + c
+            return z, lax.dynamic_update_index_in_dim(out, z, j, axis=1)
 
-        _, zk = lax.scan(states, vma.like(h_blocks, Ak, bk), (Ak, bk), reverse=reverse)
-        return jnp.swapaxes(zk, 0, 1).reshape(B * K, m)[:n]
+        init = vma.like((h_blocks, jnp.zeros((B, K, m), b.dtype)), Ab, bb)
+        _, out = lax.fori_loop(0, K, states, init)
+        return out.reshape(B * K, m)[:n]
 
     return Summary(S, s), finish
 

@@ -1,0 +1,126 @@
+"""Models (Jacobians vs autodiff, readout inversion), GTF α rule, generators and the zarr store."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distdeer import gtf
+from distdeer.config import ModelConfig
+from distdeer.data import store, systems
+from distdeer.models import Model
+from distdeer.train.step import _jacobian_norm
+
+
+@pytest.mark.parametrize("kind", ["shplrnn", "clipped_shplrnn", "alrnn", "plrnn"])
+def test_jacobians_match_autodiff(kind):
+    model = Model(kind, latent=6, observed=3, hidden=12, nonlinear=3)
+    params = model.init(jax.random.PRNGKey(1))
+    for i in range(5):
+        z = 2 * jax.random.normal(jax.random.PRNGKey(10 + i), (6,))
+        auto = jax.jacfwd(lambda v: model.F(params["F"], v))(z)
+        np.testing.assert_allclose(model.jac(params["F"], z), auto, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(model.jac_diag(params["F"], z), jnp.diagonal(auto), rtol=1e-5, atol=1e-6)
+
+
+def test_forced_step_jacobian_matches_autodiff():
+    model = Model("clipped_shplrnn", latent=5, observed=2, hidden=8)
+    params = model.init(jax.random.PRNGKey(0))
+    step = gtf.ForcedStep(model.F, 0.3, model.forced_mask(), model.jac, model.jac_diag)
+    z, zhat = jax.random.normal(jax.random.PRNGKey(1), (5,)), jax.random.normal(jax.random.PRNGKey(2), (5,))
+    auto = jax.jacfwd(lambda v: step(params["F"], v, zhat))(z)
+    np.testing.assert_allclose(step.jac(params["F"], z, zhat), auto, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(step.jac_diag(params["F"], z, zhat), jnp.diagonal(auto), rtol=1e-5, atol=1e-6)
+    # only the forced (first two) columns are damped
+    np.testing.assert_allclose(step.jac(params["F"], z, zhat)[:, 2:], model.jac(params["F"], step.forced_state(z, zhat))[:, 2:])
+
+
+def test_readout_inversion():
+    x = jax.random.normal(jax.random.PRNGKey(0), (20, 3))
+    affine = Model("shplrnn", latent=5, observed=3, hidden=8, readout="affine")
+    p = affine.init(jax.random.PRNGKey(1))
+    zhat = affine.forcing(p, x)
+    assert zhat.shape == (20, 5)
+    np.testing.assert_allclose(affine.observe(p, zhat), x, atol=1e-5)  # G(pinv(B)(x − b)) = x
+    np.testing.assert_allclose(affine.initial_state(p, x[0]), zhat[0], atol=1e-6)
+    ident = Model("shplrnn", latent=5, observed=3, hidden=8)
+    q = ident.init(jax.random.PRNGKey(1))
+    zi = ident.forcing(q, x)
+    np.testing.assert_array_equal(zi[:, :3], x)
+    np.testing.assert_array_equal(zi[:, 3:], 0.0)
+    q["readout"]["L"] = jnp.ones((2, 3))
+    np.testing.assert_allclose(ident.initial_state(q, x[0]), jnp.concatenate([x[0], jnp.full(2, x[0].sum())]), atol=1e-6)
+    np.testing.assert_array_equal(ident.forced_mask(), [1, 1, 1, 0, 0])
+    with pytest.raises(ValueError, match="smaller than the observed"):
+        Model.from_config(ModelConfig(latent=2), observed=3)
+
+
+def test_alpha_rule_and_norm_estimates():
+    assert float(gtf.alpha_from_norm(jnp.float32(0.5))) == 0.0
+    np.testing.assert_allclose(gtf.alpha_from_norm(jnp.float32(4.0)), 0.75)
+    model = Model("plrnn", latent=3, observed=3)
+    params = {"F": {"a": jnp.array([2.0, 0.5, 0.5]), "W": jnp.zeros((3, 3)), "h": jnp.zeros(3)}}
+    zt = jnp.ones((10, 3))
+    # J = diag(2, .5, .5): spectral norm 2 at every step
+    np.testing.assert_allclose(_jacobian_norm(model, params, zt, "geometric", 100), 2.0, rtol=1e-6)
+    np.testing.assert_allclose(_jacobian_norm(model, params, zt, "mean", 100), 2.0, rtol=1e-6)
+    params2 = {"F": {"a": jnp.array([1.0, 0.5, 0.5]), "W": jnp.zeros((3, 3)), "h": jnp.zeros(3)}}
+    both = jnp.stack([zt, zt])
+    # batch maximum takes the larger of two sequences' geometric means: mix via a per-batch model is
+    # not expressible with shared params, so check the reduction on identical sequences
+    np.testing.assert_allclose(_jacobian_norm(model, params2, both, "max", 100), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("system,dim", [("lorenz63", 3), ("rossler", 3), ("lorenz96", 6), ("slowfast", 3)])
+def test_generators_are_seeded_and_finite(system, dim):
+    a = np.asarray(systems.generate(system, 3000, seed=1, dim=dim))
+    b = np.asarray(systems.generate(system, 3000, seed=1, dim=dim))
+    c = np.asarray(systems.generate(system, 3000, seed=2, dim=dim))
+    assert a.shape == (3000, dim) and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_lorenz63_statistics():
+    x = np.asarray(systems.generate("lorenz63", 100_000, dt=0.01, seed=0))
+    # long-run statistics of the standard Lorenz attractor: mean z ≈ 23.5, x and y symmetric about 0
+    assert 22.5 < x[:, 2].mean() < 24.5
+    assert abs(x[:, 0].mean()) < 1.5 and abs(x[:, 1].mean()) < 1.5
+    assert 7.0 < x[:, 0].std() < 9.0
+
+
+def test_slowfast_has_a_slow_time_scale():
+    x = np.asarray(systems.generate("slowfast", 60_000, dt=0.01, seed=0))
+    # the slow drive modulates the mean of z with period 200 time units (20 000 samples)
+    window = x[:, 2].reshape(-1, 2000).mean(1)
+    assert window.max() - window.min() > 5.0
+
+
+def test_zarr_round_trip_and_slices(tmp_path):
+    raw = np.asarray(systems.generate("lorenz63", 5000, seed=3), np.float64)
+    z, mean, std = store.standardise(raw)
+    path = str(tmp_path / "l63.zarr")
+    store.write(path, z, mean=mean, std=std, attrs={"system": "lorenz63"})
+    x, attrs = store.read(path, 1234, 2345)
+    np.testing.assert_array_equal(x, z[1234:2345])
+    np.testing.assert_allclose(np.asarray(attrs["mean"]), mean)
+    full, info = store.load(path)
+    np.testing.assert_array_equal(full, z)
+    np.testing.assert_allclose(full * np.asarray(info["std"]) + np.asarray(info["mean"]), raw, rtol=1e-5, atol=1e-4)
+    with pytest.raises(store.DataError, match="already exists"):
+        store.write(path, z, mean=mean, std=std)
+    meta = open(os.path.join(path, "zarr.json")).read()
+    assert '"zstd"' in meta and '"chunk_shape":[5000,3]' in meta.replace(" ", "")
+
+
+@pytest.mark.parametrize("x,match", [
+    (np.array([[0.0, 1.0], [np.nan, 2.0], [1.0, 0.0]]), "NaN/inf"),
+    (np.arange(10.0), "2-D"),
+    (np.ones((1, 3)), "at least 2"),
+    (np.stack([np.arange(5.0), np.ones(5)], 1), "constant"),
+])
+def test_bad_series_rejected(x, match):
+    with pytest.raises(store.DataError, match=match):
+        store.check_series(x, "test")

@@ -1,0 +1,189 @@
+"""Training end to end through the real CLI: loss decreases, resume is bitwise (after SIGKILL, also
+during asynchronous saves), SIGTERM checkpoints and exits cleanly, bad input exits 2 writing nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from distdeer.cli import main
+
+SMALL = {
+    "seed": 3,
+    "data": {"system": "lorenz63", "steps": 1500, "noise": 0.05},
+    "model": {"kind": "clipped_shplrnn", "latent": 3, "hidden": 16},
+    "gtf": {"mode": "adaptive", "every": 5, "decay": 0.2},
+    "train": {"steps": 60, "log_every": 1, "lr": 1.0e-3, "lr_end": 1.0e-4},
+    "checkpoint": {"every": 7, "keep": 2},
+}
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+
+
+def write_config(tmp_path, run_dir, **changes):
+    cfg = json.loads(json.dumps(SMALL))
+    cfg["run"] = {"dir": str(run_dir)}
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        cfg.setdefault(section, {})[key] = value
+    path = tmp_path / f"cfg-{os.path.basename(str(run_dir))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "distdeer.cli", *args], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+
+
+def inspect(run_dir):
+    proc = cli("inspect", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def start_and_kill(cfg, run_dir, at_step, sig=signal.SIGKILL):
+    proc = subprocess.Popen([sys.executable, "-m", "distdeer.cli", "train", cfg], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and len(metrics(run_dir)) >= at_step:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("straight")
+    run = tmp / "run"
+    proc = cli("train", write_config(tmp, run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, inspect(run), metrics(run), proc.stdout
+
+
+def test_training_runs_and_writes_the_run_directory(straight):
+    run, info, rows, out = straight
+    assert info["step"] == 60 and len(info["params_sha256"]) == 64
+    for name in ("config.yaml", "metrics.jsonl", "normalisation.json", "loss.png"):
+        assert os.path.getsize(run / name) > 0
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    for key in ("step", "loss", "alpha", "newton_iterations", "newton_residual", "converged", "step_time_s", "lr"):
+        assert key in rows[-1]
+    assert all(r["converged"] for r in rows)
+    assert rows[-1]["alpha"] < rows[0]["alpha"] == 1.0  # adaptive α decays from 1
+    assert "results in" in out
+
+
+def test_loss_decreases_with_constant_forcing(tmp_path):
+    run = tmp_path / "const"
+    cfg = write_config(tmp_path, run, gtf__mode="constant", gtf__alpha=0.3, train__steps=80, train__lr=3e-3,
+                       train__lr_end=1e-3)
+    proc = cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = metrics(run)
+    first, last = np.mean([r["mse"] for r in rows[:5]]), np.mean([r["mse"] for r in rows[-5:]])
+    assert last < 0.7 * first, (first, last)
+
+
+def test_resume_after_sigkill_is_bitwise(tmp_path, straight):
+    run = tmp_path / "killed"
+    cfg = write_config(tmp_path, run)
+    code, _ = start_and_kill(cfg, run, at_step=25)
+    assert code == -signal.SIGKILL
+    mid = inspect(run)
+    assert mid["step"] is not None and mid["step"] < 60
+    proc = cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert inspect(run)["params_sha256"] == straight[1]["params_sha256"]
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 61))  # cut back, then continued: no duplicates
+    ref = straight[2]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref]
+
+
+def test_kill_during_async_saves_leaves_a_restorable_checkpoint(tmp_path, straight):
+    run = tmp_path / "busy"
+    cfg = write_config(tmp_path, run, checkpoint__every=1)  # a save in flight at almost every moment
+    start_and_kill(cfg, run, at_step=18)
+    assert inspect(run)["step"] is not None
+    cfg_done = write_config(tmp_path, run, checkpoint__every=1)
+    proc = cli("train", cfg_done)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert inspect(run)["params_sha256"] == straight[1]["params_sha256"]
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    run = tmp_path / "term"
+    cfg = write_config(tmp_path, run, checkpoint__every=1000)
+    code, out = start_and_kill(cfg, run, at_step=10, sig=signal.SIGTERM)
+    assert code == 0, out[-2000:]
+    info = inspect(run)
+    assert info["step"] == metrics(run)[-1]["step"] >= 10  # saved at the step boundary it stopped on
+    assert "stopped" in out
+
+
+@pytest.mark.parametrize("setup,args,needle", [
+    ("nan", [], "NaN/inf"),
+    ("1d", [], "2-D"),
+    ("short", ["train.seq_len=500"], "at least 501"),
+    (None, ["train.bogus=1"], "unknown config key train.bogus"),
+    (None, ["train.steps=abc"], "train.steps: expected int"),
+    (None, ["train.steps=-5"], "train.steps: must be > 0"),
+    (None, ["train.lr=-0.1"], "train.lr: must be > 0"),
+    (None, ["data.path=/nonexistent/x.npy"], "not found"),
+    (None, ["model.latent=2"], "smaller than the observed"),
+    (None, ["mesh.devices=64"], "devices"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, setup, args, needle):
+    run = tmp_path / "never"
+    extra = []
+    if setup is not None:
+        x = {"nan": np.array([[0.0, 1.0, 2.0]] * 50 + [[np.nan, 0.0, 1.0]]) + np.arange(51)[:, None],
+             "1d": np.arange(100.0), "short": np.random.default_rng(0).normal(size=(300, 3))}[setup]
+        np.save(tmp_path / "d.npy", x)
+        extra = [f"data.path={tmp_path / 'd.npy'}"]
+    assert main(["train", write_config(tmp_path, run), *extra, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("distdeer: error:") and needle in err, err
+    assert not run.exists()
+
+
+def test_other_config_and_corrupt_checkpoint_are_refused(tmp_path, straight, capsys):
+    run = straight[0]
+    before = {p: os.path.getmtime(os.path.join(run, p)) for p in os.listdir(run)}
+    assert main(["train", write_config(tmp_path, run, model__hidden=32)]) == 2
+    assert "holds a different run" in capsys.readouterr().err
+    assert {p: os.path.getmtime(os.path.join(run, p)) for p in os.listdir(run)} == before
+    # damage the latest checkpoint's array data of a copy of the run
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    cfg = yaml.safe_load(open(copy / "config.yaml"))
+    cfg["run"]["dir"] = str(copy)
+    cfg["train"]["steps"] = 61
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    latest = copy / "checkpoints" / "60"
+    for root, _, files in os.walk(latest / "state"):
+        for f in files:
+            if not f.endswith(".json"):
+                with open(os.path.join(root, f), "wb") as fh:
+                    fh.write(b"garbage")
+    cfg_path = tmp_path / "copy.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(cfg_path)]) == 2
+    assert "cannot be restored" in capsys.readouterr().err
