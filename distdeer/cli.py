@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp = dsub.add_parser("import", help="validate and store a .npy/.csv series")
     imp.add_argument("file")
     imp.add_argument("--out", required=True, help="PATH.zarr")
+    bt = which.add_parser("train", help="training-step time: GTF-DEER vs sequential GTF-BPTT")
+    bt.add_argument("--T", type=_positive("--T"), default=100_000)
+    bt.add_argument("--steps", type=_positive("--steps"), default=200)
+    bt.add_argument("--latent", type=_positive("--latent"), default=3)
+    bt.add_argument("--hidden", type=_positive("--hidden"), default=50)
+    bt.add_argument("--json", metavar="PATH")
     g = which.add_parser("gtf", help="Newton iterations of GTF-DEER vs plain DEER on chaotic Lorenz-63")
     g.add_argument("--T", type=_lengths, default=[10_000, 100_000, 1_000_000],
                    help="comma-separated sequence lengths")
@@ -141,6 +147,20 @@ def _bench_gtf(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+    return 0
+
+
+def _bench_train(args) -> int:
+    _check_output(args.json)
+    import json
+
+    from distdeer.bench import train as bench_train
+
+    res = bench_train.run(args.T, args.steps, args.latent, args.hidden)
+    print(bench_train.report(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
     return 0
 
 
@@ -218,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bench_solver(args)
         if args.command == "bench" and args.bench == "gtf":
             return _bench_gtf(args)
+        if args.command == "bench" and args.bench == "train":
+            return _bench_train(args)
         if args.command == "train":
             return _train(args)
         if args.command == "inspect":

@@ -7,11 +7,15 @@ YAML), and rejects unknown keys and wrong types with a ``ConfigError`` naming th
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any
 
 import yaml
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -54,6 +58,7 @@ class GTFConfig:
 
 @dataclasses.dataclass
 class SolverConfig:
+    kind: str = "deer"  # deer (GTF-DEER) | sequential (GTF-BPTT through lax.scan: the baseline)
     jacobian: str = "dense"
     max_iter: int = 50
     fallback: bool = True  # finish a failed Newton solve sequentially (exact) instead of skipping the step
@@ -101,6 +106,7 @@ CHOICES = {
     "model.readout": ("identity", "affine"),
     "gtf.mode": ("adaptive", "constant"),
     "gtf.norm": ("geometric", "max", "mean"),
+    "solver.kind": ("deer", "sequential"),
     "solver.jacobian": ("dense", "diagonal"),
 }
 POSITIVE = ("data.steps", "data.dt", "model.latent", "model.hidden", "gtf.every", "gtf.decay", "gtf.sample",
@@ -132,6 +138,8 @@ def _check_type(key: str, value: Any, tp) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads "1e-3" as a string
     elif tp is str:
         if isinstance(value, str):
             return value

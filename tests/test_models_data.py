@@ -124,3 +124,21 @@ def test_zarr_round_trip_and_slices(tmp_path):
 def test_bad_series_rejected(x, match):
     with pytest.raises(store.DataError, match=match):
         store.check_series(x, "test")
+
+
+@pytest.mark.parametrize("nonlinear", [2, 10])
+@pytest.mark.parametrize("guess", ["data", "default"])
+def test_partial_forcing_newton_converges_alrnn_m20_n3(nonlinear, guess):
+    """Identity readout, M = 20 > N = 3: α damps only the 3 forced units; Newton must still converge
+    on the free ones (reported in docs/benchmarks.md)."""
+    from distdeer import deer, sequential
+
+    x = jnp.asarray(store.standardise(np.asarray(systems.generate("lorenz63", 10_001, noise=0.05)))[0])
+    model = Model("alrnn", latent=20, observed=3, nonlinear=nonlinear)
+    params = model.init(jax.random.PRNGKey(0))
+    zhat, z0 = model.forcing(params, x), model.initial_state(params, x[0])
+    alpha = gtf.alpha_from_norm(_jacobian_norm(model, params, zhat[:-1], "geometric", 4096))
+    step = gtf.ForcedStep(model.F, alpha, model.forced_mask(), model.jac, model.jac_diag)
+    sol = deer(step, params["F"], z0, zhat[:-1], init=zhat[1:] if guess == "data" else None, max_iter=30)
+    assert bool(sol.converged) and int(sol.iterations) <= 10
+    np.testing.assert_allclose(sol.states, sequential(step, params["F"], z0, zhat[:-1]), atol=2e-5)

@@ -74,11 +74,15 @@ def clipped_shplrnn_jac_diag(params: dict, z: jax.Array) -> jax.Array:
 
 
 def init_alrnn(key: jax.Array, latent: int, dtype=jnp.float32) -> dict:
-    """ALRNN: diagonal ``a`` near 0.9, coupling ``W`` (M, M) scaled by 1/√M, bias ``h``."""
+    """ALRNN: diagonal ``a`` near 0.9, coupling ``W`` (M, M) of scale 0.1/√M, bias ``h``.
+
+    The small coupling keeps the unforced units contracting at the start: with partial forcing
+    (N < M) α does not damp them, and at scale 0.25/√M the free part of a random M = 20 model already
+    diverged (sequentially as well as under Newton)."""
     k1, k2 = jax.random.split(key)
     return {
         "a": jnp.full((latent,), 0.9, dtype) + 0.05 * jax.random.uniform(k1, (latent,), dtype, -1, 1),
-        "W": 0.5 * jax.random.normal(k2, (latent, latent), dtype) / jnp.sqrt(latent).astype(dtype),
+        "W": 0.1 * jax.random.normal(k2, (latent, latent), dtype) / jnp.sqrt(latent).astype(dtype),
         "h": jnp.zeros((latent,), dtype),
     }
 
@@ -105,9 +109,10 @@ def alrnn_jac_diag(params: dict, z: jax.Array, nonlinear: int) -> jax.Array:
 
 
 def init_plrnn(key: jax.Array, latent: int, dtype=jnp.float32) -> dict:
-    """PLRNN: diagonal ``A`` (stored as the vector ``a``), off-diagonal ``W``, bias ``h``."""
+    """PLRNN: diagonal ``A`` (stored as the vector ``a``), off-diagonal ``W`` (scale 0.1/√M, see
+    ``init_alrnn``), bias ``h``."""
     k1, k2 = jax.random.split(key)
-    W = 0.5 * jax.random.normal(k2, (latent, latent), dtype) / jnp.sqrt(latent).astype(dtype)
+    W = 0.1 * jax.random.normal(k2, (latent, latent), dtype) / jnp.sqrt(latent).astype(dtype)
     return {"a": jnp.full((latent,), 0.9, dtype) + 0.05 * jax.random.uniform(k1, (latent,), dtype, -1, 1),
             "W": W * (1 - jnp.eye(latent, dtype=dtype)), "h": jnp.zeros((latent,), dtype)}
 

@@ -117,6 +117,20 @@ def _jacobians(dyn: Dynamics, diagonal: bool, params, zprev, xs):
     return jax.vmap(fn, in_axes=(None, 0, 0))(params, zprev, xs)
 
 
+def _has_padding(n: int, opts: Options) -> bool:
+    """Static: does this slice layout hold padded steps at all?"""
+    size = 1 if opts.axis_name is None else lax.axis_size(opts.axis_name)
+    return n * size > opts.length
+
+
+def _keep_valid(x, valid, fill, padded: bool):
+    """``x`` with padded rows replaced by ``fill``; without padding, ``x`` itself (no copy of
+    n·M² Jacobians where nothing needs masking)."""
+    if not padded:
+        return x
+    return jnp.where(valid.reshape(valid.shape + (1,) * (x.ndim - 1)), x, fill)
+
+
 def _max_over_slice(values, valid, axes, fill):
     """Max over the valid rows of this slice, then over the devices of ``axes``."""
     mask = valid.reshape(valid.shape + (1,) * (values.ndim - 1))
@@ -153,15 +167,15 @@ def _newton(dyn: Dynamics, opts: Options, params, z0, xs, init):
     # Per-sequence scalars vary over the batch-like mesh axes only; states also over time.
     seq_axes = tuple(a for a in vma.of((params, z0, xs, init)) if a not in time)
     scal = partial(vma.vary, axes=seq_axes)
+    padded = _has_padding(n, opts)
     eye = scan.identity((n,), m, init.dtype, diagonal=diagonal)
-    vmask = valid[:, None] if diagonal else valid[:, None, None]
 
     def linearise(Z):
         zprev = _previous(Z, z0, opts.axis_name)
         f = _steps(dyn, params, zprev, xs)
         A = _jacobians(dyn, diagonal, params, zprev, xs)
         b = f - scan.apply(A, zprev, diagonal=diagonal)
-        return jnp.where(vmask, A, eye), jnp.where(valid[:, None], b, 0.0)
+        return _keep_valid(A, valid, eye, padded), _keep_valid(b, valid, 0.0, padded)
 
     def keep_going(c):
         _, it, done, bad = c
@@ -236,7 +250,8 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
     time = _time_axes(opts)
     ax = opts.axis_name
     zprev = _previous(Z, z0, ax)
-    g = jnp.where(valid[:, None], g, 0.0)
+    padded = _has_padding(n, opts)
+    g = _keep_valid(g, valid, 0.0, padded)
     # The adjoint is linear in g: solve for g / max|g| so that the stopping test (diagonal mode) does
     # not depend on the loss's scale (a mean over 10^5 steps has cotangents ~1e-5, below any atol).
     scale = _pmax(jnp.max(jnp.abs(g)), time)
@@ -246,7 +261,7 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
     reverse_solve = partial(scan.solve, h0=zero, reverse=True, axis_name=ax, method=opts.method,
                             block=opts.block)
     A = _jacobians(dyn, opts.diagonal, params, zprev, xs)
-    A = jnp.where(valid[:, None] if opts.diagonal else valid[:, None, None], A, 0.0)
+    A = _keep_valid(A, valid, 0.0, padded)
     adjoint_ok = jnp.bool_(True)
     if not opts.diagonal:
         mu, mu_in = reverse_solve(A, scan.apply(A, g, diagonal=False, transpose=True),
@@ -255,12 +270,12 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
         _, vjp_z = jax.vjp(lambda zp: _steps(dyn, params, zp, xs), zprev)
 
         def lam_of(mu, mu_in):
-            return jnp.where(valid[:, None], g + jnp.concatenate([mu[1:], mu_in[None]]), 0.0)
+            return _keep_valid(g + jnp.concatenate([mu[1:], mu_in[None]]), valid, 0.0, padded)
 
         def sweep(c):
             mu, mu_in, it, _ = c
             lam = lam_of(mu, mu_in)
-            off = jnp.where(valid[:, None], vjp_z(lam)[0] - A * lam, 0.0)
+            off = _keep_valid(vjp_z(lam)[0] - A * lam, valid, 0.0, padded)
             mu_new, mu_in_new = reverse_solve(A, A * g + off, diagonal=True)
             excess = _max_over_slice(_excess(mu_new, mu, opts), valid, time, -jnp.inf)
             return mu_new, mu_in_new, it + 1, excess
@@ -275,7 +290,7 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
               vma.vary(jnp.int32(0), seq_axes), vma.vary(jnp.asarray(jnp.inf, Z.dtype), seq_axes))
         mu, mu_in, _, excess = lax.while_loop(unfinished, sweep, c0)
         adjoint_ok = excess <= 0
-    lam = scale * jnp.where(valid[:, None], g + jnp.concatenate([mu[1:], mu_in[None]]), 0.0)
+    lam = scale * _keep_valid(g + jnp.concatenate([mu[1:], mu_in[None]]), valid, 0.0, padded)
     # Differentiate w.r.t. a copy of params marked varying like λ: the VJP then returns this device's
     # partial sums, and _solve_bwd sums them over devices (and batch) exactly once, explicitly.
     # (A VJP w.r.t. replicated params would psum implicitly, and under vmap its type would hide it.)

@@ -7,6 +7,7 @@ Run directory::
     metrics.jsonl       one JSON object per logged step
     checkpoints/        Orbax checkpoints (state + metadata with params_sha256)
     loss.png            loss and α over training (written at the end)
+    attractor.png       the model running freely vs the data (written at the end)
 
 Resume rules (all here): the same command on the same directory restores the latest *complete*
 checkpoint and continues; state that influences the next step is either checkpointed (params,
@@ -33,6 +34,8 @@ from distdeer import config as config_mod
 from distdeer.config import Config, ConfigError
 from distdeer.data import store, systems
 from distdeer.models import Model
+from distdeer import plots
+from distdeer.solver import sequential
 from distdeer.train import checkpoint
 from distdeer.train.step import init_state, make_train_step
 
@@ -85,6 +88,17 @@ def check_run_dir(cfg: Config) -> bool:
         raise ConfigError(f"run directory {cfg.run.dir} holds a different run ({', '.join(diffs)} differ); "
                           "choose another run.dir")
     return True
+
+
+FREE_RUN_STEPS = 20_000
+
+
+def free_run(model: Model, params, x0: np.ndarray, steps: int) -> np.ndarray:
+    """Observations ``(steps, N)`` of the model running freely from the state inferred from ``x0``."""
+    z0 = model.initial_state(params, jnp.asarray(x0))
+    states = jax.jit(lambda p, z: sequential(lambda q, v, _: model.F(q["F"], v), p, z, jnp.zeros((steps, 0))))(
+        params, z0)
+    return np.asarray(model.observe(params, states))
 
 
 def _mesh(cfg: Config, series_len: int):
@@ -215,7 +229,10 @@ def run(cfg: Config) -> dict:
     mngr.wait_until_finished()
     mngr.close()
     if not stopped:
-        _loss_figure(metrics_path, os.path.join(run_dir, "loss.png"))
+        plots.loss_figure(metrics_path, os.path.join(run_dir, "loss.png"))
+        generated = free_run(model, state.params, series[0], min(len(series), FREE_RUN_STEPS))
+        plots.attractor_figure(series[: len(generated)], generated, os.path.join(run_dir, "attractor.png"),
+                               f"{cfg.model.kind}, step {int(state.step)}")
     return {"run_dir": run_dir, "step": int(state.step), "stopped": stopped,
             "params_sha256": checkpoint.params_sha256(state.params), "last": last}
 
@@ -226,30 +243,6 @@ class _Null:
 
     def __exit__(self, *exc):
         return False
-
-
-def _loss_figure(metrics_path: str, out: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    if not rows:
-        return
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-    steps = [r["step"] for r in rows]
-    ax[0].semilogy(steps, [r["mse"] for r in rows])
-    ax[0].set(xlabel="step", ylabel="MSE (standardised units)", title="training loss")
-    ax[1].plot(steps, [r["alpha"] for r in rows], label="α")
-    ax[1].plot(steps, [r["newton_iterations"] / max(1, max(x["newton_iterations"] for x in rows)) for r in rows],
-               label="Newton iterations (scaled)", alpha=0.6)
-    ax[1].set(xlabel="step", title="GTF α and Newton iterations")
-    ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def inspect(run_dir: str) -> dict:

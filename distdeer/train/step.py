@@ -25,7 +25,7 @@ import optax
 from distdeer.config import Config
 from distdeer.gtf import ForcedStep, alpha_from_norm
 from distdeer.models import Model
-from distdeer.solver import deer, deer_batch
+from distdeer.solver import Result, Solution, deer, deer_batch, sequential
 
 
 class TrainState(NamedTuple):
@@ -105,11 +105,17 @@ def make_train_step(model: Model, cfg: Config, mesh=None):
     def forced(alpha):
         return ForcedStep(model.F, alpha, mask, model.jac, model.jac_diag)
 
+    def solve(alpha, F_params, z0, xs, warm):
+        if cfg.solver.kind == "sequential":  # GTF-BPTT: the same forced recurrence, step by step
+            states = sequential(forced(alpha), F_params, z0, xs)
+            return Solution(states, jnp.int32(0), jnp.bool_(True), jnp.float32(0.0), jnp.int32(Result.SUCCESS))
+        return deer(forced(alpha), F_params, z0, xs, init=warm, mesh=mesh, **solver_kw)
+
     def one_sequence(params, alpha, x, warm):
         """x: (S+1, N) → (mse, Solution, forced states z̃ (S, M))."""
         zhat = model.forcing(params, x)
         z0 = model.initial_state(params, x[0])
-        sol = deer(forced(alpha), params["F"], z0, zhat[:-1], init=warm, mesh=mesh, **solver_kw)
+        sol = solve(alpha, params["F"], z0, zhat[:-1], warm)
         pred = model.observe(params, sol.states)
         zprev = jnp.concatenate([z0[None], sol.states[:-1]])
         return jnp.mean((pred - x[1:]) ** 2), sol, forced(alpha).forced_state(zprev, zhat[:-1])
@@ -117,8 +123,11 @@ def make_train_step(model: Model, cfg: Config, mesh=None):
     def windows_loss(params, alpha, xw):
         zhat = jax.vmap(model.forcing, in_axes=(None, 0))(params, xw)
         z0 = jax.vmap(model.initial_state, in_axes=(None, 0))(params, xw[:, 0])
-        sol = deer_batch(forced(alpha), params["F"], z0, zhat[:, :-1], init=zhat[:, 1:], mesh=mesh,
-                         **solver_kw)
+        if cfg.solver.kind == "sequential":
+            sol = jax.vmap(solve, in_axes=(None, None, 0, 0, 0))(alpha, params["F"], z0, zhat[:, :-1], zhat[:, 1:])
+        else:
+            sol = deer_batch(forced(alpha), params["F"], z0, zhat[:, :-1], init=zhat[:, 1:], mesh=mesh,
+                             **solver_kw)
         pred = model.observe(params, sol.states)
         zprev = jnp.concatenate([z0[:, None], sol.states[:, :-1]], axis=1)
         zt = jax.vmap(forced(alpha).forced_state)(zprev, zhat[:, :-1])

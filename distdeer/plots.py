@@ -1,0 +1,50 @@
+"""Figures of a run: the training curves and the free-running attractor against the data."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def loss_figure(metrics_path: str, out: str) -> None:
+    """Training MSE (log scale) and GTF α with Newton iterations, from metrics.jsonl."""
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps = [r["step"] for r in rows]
+    ax[0].semilogy(steps, [r["mse"] for r in rows])
+    ax[0].set(xlabel="step", ylabel="MSE (standardised units)", title="training loss")
+    ax[1].plot(steps, [r["alpha"] for r in rows], label="α")
+    top = max(1, max(r["newton_iterations"] for r in rows))
+    ax[1].plot(steps, [r["newton_iterations"] / top for r in rows], label=f"Newton iterations / {top}", alpha=0.6)
+    ax[1].set(xlabel="step", title="GTF α and Newton iterations")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def attractor_figure(data: np.ndarray, generated: np.ndarray, out: str, title: str = "") -> None:
+    """True vs free-running trajectories: 3-D for N ≥ 3 (first three dims), else the first two."""
+    fig = plt.figure(figsize=(10, 4.5))
+    for i, (x, name) in enumerate(((data, "data"), (generated, "model, free-running"))):
+        finite = x[np.all(np.isfinite(x), axis=1)]
+        if x.shape[1] >= 3:
+            ax = fig.add_subplot(1, 2, i + 1, projection="3d")
+            ax.plot(finite[:, 0], finite[:, 1], finite[:, 2], lw=0.3)
+        else:
+            ax = fig.add_subplot(1, 2, i + 1)
+            ax.plot(finite[:, 0], finite[:, -1], lw=0.3)
+        ax.set_title(name)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
