@@ -122,6 +122,20 @@ def _options(T, z0, jacobian, max_iter, atol, rtol, method, block, axis_name, sy
                    fallback=bool(fallback), adjoint_max_iter=int(adjoint_max_iter))
 
 
+def _prepare(step, params, z0, xs, init, *, batch, mesh, mesh_axes, time_axis, sync_axes, length,
+             jacobian, max_iter, atol, rtol, jac, jac_diag, fallback, method, block, adjoint_max_iter):
+    """Shared prologue of the entry points: validate, build Dynamics and Options, default the guess.
+
+    ``length``: the number of real steps (None: all of xs).  Returns (dyn, opts, z0, init)."""
+    z0, T, _, _ = _check_inputs(step, params, z0, xs, init, jacobian, mesh, mesh_axes, batch)
+    opts = _options(T if length is None else int(length), z0, jacobian, max_iter, atol, rtol, method, block,
+                    time_axis, sync_axes, fallback, adjoint_max_iter)
+    if init is None:
+        lead = z0.shape[:-1] + (T,)
+        init = jnp.broadcast_to(jnp.expand_dims(z0, -2), lead + z0.shape[-1:])
+    return _dynamics(step, jac, jac_diag), opts, z0, jax.lax.stop_gradient(jnp.asarray(init, z0.dtype))
+
+
 def _pad_time(tree, axis: int, total: int):
     """Pad the time axis to ``total`` by repeating the last step (padding is masked in the solver;
     repeating real inputs keeps the step's evaluation there finite)."""
@@ -225,15 +239,14 @@ def deer(
     implicit adjoint at the solution (never by differentiating the Newton loop) and equal BPTT's to
     solver tolerance.
     """
-    z0, T, x0, z_one = _check_inputs(step, params, z0, xs, init, jacobian, mesh, (axis_name,), False)
-    dyn, ext = _dynamics(step, jac, jac_diag), params
-    opts = _options(T, z0, jacobian, max_iter, atol, rtol, method, block,
-                    axis_name if mesh is not None else None, (axis_name,) if mesh is not None else (),
-                    fallback, adjoint_max_iter)
-    if init is None:
-        init = jnp.broadcast_to(z0, (T,) + z0.shape)
-    init = jax.lax.stop_gradient(jnp.asarray(init, z0.dtype))
-    if mesh is None:
+    sharded = mesh is not None
+    dyn, opts, z0, init = _prepare(
+        step, params, z0, xs, init, batch=False, mesh=mesh, mesh_axes=(axis_name,),
+        time_axis=axis_name if sharded else None, sync_axes=(axis_name,) if sharded else (), length=None,
+        jacobian=jacobian, max_iter=max_iter, atol=atol, rtol=rtol, jac=jac, jac_diag=jac_diag,
+        fallback=fallback, method=method, block=block, adjoint_max_iter=adjoint_max_iter)
+    T, ext = opts.length, params
+    if not sharded:
         sol = solve_slice(dyn, opts, False, ext, z0, xs, init)
     else:
         p = mesh.shape[axis_name]
@@ -280,16 +293,13 @@ def deer_batch(
     is ``jax.vmap`` of ``deer``.  Fields of the returned ``Solution`` gain a leading batch axis.
     """
     axes = (data_axis, time_axis)
-    z0, T, x0, z_one = _check_inputs(step, params, z0, xs, init, jacobian, mesh, axes, True)
-    B = z0.shape[0]
-    dyn, ext = _dynamics(step, jac, jac_diag), params
     sharded = mesh is not None
-    opts = _options(T, z0, jacobian, max_iter, atol, rtol, method, block,
-                    time_axis if sharded else None, axes if sharded else (), fallback,
-                    adjoint_max_iter)
-    if init is None:
-        init = jnp.broadcast_to(z0[:, None, :], (B, T, z0.shape[1]))
-    init = jax.lax.stop_gradient(jnp.asarray(init, z0.dtype))
+    dyn, opts, z0, init = _prepare(
+        step, params, z0, xs, init, batch=True, mesh=mesh, mesh_axes=axes,
+        time_axis=time_axis if sharded else None, sync_axes=axes if sharded else (), length=None,
+        jacobian=jacobian, max_iter=max_iter, atol=atol, rtol=rtol, jac=jac, jac_diag=jac_diag,
+        fallback=fallback, method=method, block=block, adjoint_max_iter=adjoint_max_iter)
+    B, T, ext = z0.shape[0], opts.length, params
     solve_many = partial(solve_slice, dyn, opts, True)
     if not sharded:
         sol = solve_many(ext, z0, xs, init)
@@ -338,14 +348,12 @@ def deer_shard(
     shard solves its own sequence).  Returns the local ``states`` and global statistics.  Gradients
     w.r.t. replicated ``params``/``z0`` are summed across devices as JAX's sharding rules require.
     """
-    z0, n, x0, z_one = _check_inputs(step, params, z0, xs, init, jacobian, None, (), False)
-    size = jax.lax.axis_size(axis_name)
-    dyn, ext = _dynamics(step, jac, jac_diag), params
-    opts = _options(n * size if length is None else int(length), z0, jacobian, max_iter, atol, rtol,
-                    method, block, axis_name, tuple(dict.fromkeys((axis_name,) + tuple(sync_axes))),
-                    fallback, adjoint_max_iter)
-    if init is None:
-        init = jnp.broadcast_to(z0, (n,) + z0.shape)
-    init = jax.lax.stop_gradient(jnp.asarray(init, z0.dtype))
-    sol = solve_slice(dyn, opts, False, ext, z0, xs, init)
+    n = _time_length(xs)
+    dyn, opts, z0, init = _prepare(
+        step, params, z0, xs, init, batch=False, mesh=None, mesh_axes=(), time_axis=axis_name,
+        sync_axes=tuple(dict.fromkeys((axis_name,) + tuple(sync_axes))),
+        length=n * jax.lax.axis_size(axis_name) if length is None else length,
+        jacobian=jacobian, max_iter=max_iter, atol=atol, rtol=rtol, jac=jac, jac_diag=jac_diag,
+        fallback=fallback, method=method, block=block, adjoint_max_iter=adjoint_max_iter)
+    sol = solve_slice(dyn, opts, False, params, z0, xs, init)
     return _raise_if_failed(sol, "deer_shard") if throw else sol
