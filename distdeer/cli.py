@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=_positive("--repeats"), default=3, help="timed repetitions (best is kept)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--skip-sequential", action="store_true", help="time DEER only (huge T)")
+    s.add_argument("--memory-only", action="store_true",
+                   help="only compile and report XLA's memory analysis (nothing is allocated or run)")
     s.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
     t = commands.add_parser("train", help="train a model (resumes when the run directory has checkpoints)")
     t.add_argument("config", help="YAML config (see configs/)")
@@ -123,7 +125,8 @@ def _bench_solver(args) -> int:
 
     cfg = solver.SolverBench(T=args.T, latent=args.latent, hidden=args.hidden, devices=args.devices,
                              jacobian=args.jacobian, alpha=args.alpha, repeats=args.repeats, seed=args.seed,
-                             method=args.method, skip_sequential=args.skip_sequential)
+                             method=args.method, skip_sequential=args.skip_sequential,
+                             memory_only=args.memory_only)
     try:
         res = solver.run(cfg)
     except ValueError as e:

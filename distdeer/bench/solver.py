@@ -39,6 +39,7 @@ class SolverBench:
     seed: int = 0
     method: str | None = None
     skip_sequential: bool = False
+    memory_only: bool = False  # compile only and report XLA's memory analysis (no data, no run)
 
 
 def _problem(cfg: SolverBench):
@@ -77,8 +78,34 @@ def _compiled_bytes(fn, args) -> int | None:
         return None
 
 
+def compiled_memory(cfg: SolverBench) -> dict:
+    """XLA's memory analysis (temporaries + arguments + outputs) of DEER's and BPTT's value+grad at
+    this size, from abstract shapes: nothing is allocated or run, so huge T can be assessed."""
+    M, T = cfg.latent, cfg.T
+    params = jax.eval_shape(lambda: plrnn.init_shplrnn(jax.random.PRNGKey(0), M, cfg.hidden))
+    step = gtf.forced_step(plrnn.clipped_shplrnn, 0.2, None, latent=M, jac=plrnn.clipped_shplrnn_jac,
+                           jac_diag=plrnn.clipped_shplrnn_jac_diag)
+    S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    args = (params, S(M), S(T, M), S(T, M), S(T, 3), S(M, 3))
+
+    def deer_vg(p, z0, xs, init, targets, R):
+        return jax.value_and_grad(lambda q: jnp.mean((deer(step, q, z0, xs, init=init, throw=False,
+                                                           jacobian=cfg.jacobian, method=cfg.method).states @ R
+                                                      - targets) ** 2))(p)
+
+    def bptt_vg(p, z0, xs, init, targets, R):
+        return jax.value_and_grad(lambda q: jnp.mean((sequential(step, q, z0, xs) @ R - targets) ** 2))(p)
+
+    out = dataclasses.asdict(cfg)
+    out.update(backend=jax.default_backend(), deer_value_grad_bytes=_compiled_bytes(jax.jit(deer_vg), args),
+               bptt_value_grad_bytes=_compiled_bytes(jax.jit(bptt_vg), args))
+    return out
+
+
 def run(cfg: SolverBench) -> dict:
     """Run the benchmark; returns a flat dict of raw numbers (seconds, bytes)."""
+    if cfg.memory_only:
+        return compiled_memory(cfg)
     step, params, z0, xs, init, targets, R, alpha = _problem(cfg)
     mesh = None
     if cfg.devices > 1:
@@ -138,6 +165,10 @@ def run(cfg: SolverBench) -> dict:
 
 def report(res: dict) -> str:
     """Human-readable summary of ``run``'s result."""
+    if res.get("memory_only"):
+        return (f"T={res['T']} M={res['latent']} L={res['hidden']} jacobian={res['jacobian']}: compiled memory "
+                f"(XLA estimate, not run) DEER value+grad {res['deer_value_grad_bytes'] / 2**30:.2f} GiB, "
+                f"BPTT value+grad {res['bptt_value_grad_bytes'] / 2**30:.2f} GiB")
     lines = [f"T={res['T']} M={res['latent']} L={res['hidden']} devices={res['devices']} "
              f"jacobian={res['jacobian']} alpha={res['alpha']:.3f} backend={res['backend']} ({res['device_kind']})",
              f"  Newton iterations {res['newton_iterations']}  converged {res['converged']}  "
