@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = commands.add_parser("train", help="train a model (resumes when the run directory has checkpoints)")
     t.add_argument("config", help="YAML config (see configs/)")
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    e = commands.add_parser("eval", help="DSR evaluation of one run, or a summary over several (seeds)")
+    e.add_argument("run_dirs", nargs="+")
+    e.add_argument("--data", help="test series (.npy/.csv/.zarr); default: a fresh generated trajectory")
+    e.add_argument("--summary", metavar="PATH", help="write the median ± MAD summary of several runs as JSON")
     i = commands.add_parser("inspect", help="print a run directory's state as JSON")
     i.add_argument("run_dir")
     d = commands.add_parser("data", help="generate or import trajectories (tensorstore zarr3)")
@@ -187,8 +191,36 @@ def _train(args) -> int:
         raise UsageError(str(e)) from None
     where = os.path.abspath(summary["run_dir"])
     state = "stopped (signal) at" if summary["stopped"] else "finished at"
+    ev = summary.get("eval")
+    if ev:
+        print(f"distdeer: evaluation: D_stsp {ev['D_stsp']['value']:.3f}  D_H {ev['D_H']['value']:.3f}  "
+              f"PE(20) {ev['PE']['value']:.4f}  λ_max {ev['lyapunov_max']['per_time_unit']:.3f} per time unit")
     print(f"distdeer: {state} step {summary['step']}; results in {where} "
-          f"(metrics.jsonl, checkpoints/, loss.png); params sha256 {summary['params_sha256'][:16]}…")
+          f"(attractor.png, spectrum.png, eval.json, loss.png, metrics.jsonl, checkpoints/); "
+          f"params sha256 {summary['params_sha256'][:16]}…")
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+
+    from distdeer import eval as eval_mod
+
+    _check_output(args.summary)
+    try:
+        results = [eval_mod.evaluate(d, args.data) for d in args.run_dirs]
+    except (*_user_errors(), eval_mod.EvalError) as e:
+        raise UsageError(str(e)) from None
+    for r in results:
+        print(f"{r['run_dir']}: D_stsp {r['D_stsp']['value']:.4f} ({r['D_stsp']['variant']})  "
+              f"D_H {r['D_H']['value']:.4f}  PE(20) {r['PE']['value']:.4f}  "
+              f"λ_max {r['lyapunov_max']['per_time_unit']:.3f}/time unit")
+    if len(results) > 1:
+        summary = eval_mod.summarise(results)
+        print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
+        if args.summary:
+            with open(args.summary, "w") as f:
+                json.dump(summary, f, indent=2)
     return 0
 
 
@@ -245,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bench_train(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "inspect":
             return _inspect(args)
         if args.command == "data":

@@ -88,6 +88,12 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class EvalConfig:
+    at_end: bool = True  # evaluate (distdeer eval) when training finishes
+    data: str | None = None  # test series; None: a fresh trajectory of a generated system
+
+
+@dataclasses.dataclass
 class Config:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     seed: int = 0
@@ -98,6 +104,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
 CHOICES = {

@@ -79,7 +79,8 @@ def smoothed_spectra(x, sigma: float = 20.0) -> np.ndarray:
     """Per-dimension spectra ``(N, T//2+1)``: z-score, ``|rfft|²`` (no window), Gaussian smoothing
     (σ bins, truncate 4, reflect), clipped at 0, normalised to sum 1."""
     x = np.asarray(x, np.float64)
-    z = (x - x.mean(0)) / x.std(0)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant dimension gives NaN, reported as such
+        z = (x - x.mean(0)) / x.std(0)
     power = np.abs(np.fft.rfft(z, axis=0)) ** 2
     smooth = np.clip(gaussian_filter1d(power, sigma, axis=0, mode="reflect", truncate=4.0), 0.0, None)
     return (smooth / smooth.sum(0)).T

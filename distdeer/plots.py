@@ -48,3 +48,33 @@ def attractor_figure(data: np.ndarray, generated: np.ndarray, out: str, title: s
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def spectrum_figure(p_true: np.ndarray, p_gen: np.ndarray, out: str) -> None:
+    """Smoothed normalised power spectra per dimension (``metrics.smoothed_spectra``), true vs model."""
+    n = p_true.shape[0]
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
+    for d, ax in enumerate(axes[0]):
+        k = max(8, int(0.1 * p_true.shape[1]))  # the informative low-frequency part
+        ax.semilogy(p_true[d, :k], label="data")
+        ax.semilogy(p_gen[d, :k], label="model", alpha=0.8)
+        ax.set(title=f"dim {d}", xlabel="frequency bin")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def timeseries_figure(x_true: np.ndarray, x_gen: np.ndarray, out: str, steps: int = 3000) -> None:
+    """The first ``steps`` of each dimension, data above model."""
+    n = x_true.shape[1]
+    fig, axes = plt.subplots(n, 1, figsize=(9, 1.6 * n), sharex=True, squeeze=False)
+    for d in range(n):
+        axes[d][0].plot(x_true[:steps, d], lw=0.8, label="data")
+        axes[d][0].plot(x_gen[:steps, d], lw=0.8, label="model (free-running)", alpha=0.8)
+        axes[d][0].set_ylabel(f"x{d}")
+    axes[0][0].legend(loc="upper right")
+    axes[-1][0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

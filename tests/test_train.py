@@ -187,3 +187,61 @@ def test_other_config_and_corrupt_checkpoint_are_refused(tmp_path, straight, cap
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(cfg_path)]) == 2
     assert "cannot be restored" in capsys.readouterr().err
+
+
+def test_window_mode_trains_and_resumes_bitwise(tmp_path):
+    """Batches of windows (train.seq_len) drawn from (seed, step): a killed and resumed run equals the
+    uninterrupted one."""
+    changes = dict(train__seq_len=50, train__batch=4, train__steps=40, checkpoint__every=5)
+    a, b = tmp_path / "wa", tmp_path / "wb"
+    proc = cli("train", write_config(tmp_path, a, **changes))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics(a)
+    assert len(rows) == 40 and all(r["converged"] for r in rows)
+    cfg_b = write_config(tmp_path, b, **changes)
+    start_and_kill(cfg_b, b, at_step=12)
+    assert cli("train", cfg_b).returncode == 0
+    assert inspect(b)["params_sha256"] == inspect(a)["params_sha256"]
+
+
+def test_time_sharded_training_matches_one_device(tmp_path):
+    """Whole-series training sharded over 3 simulated devices follows the 1-device run (same losses to
+    float tolerance: only the order of floating-point reductions differs)."""
+    one, three = tmp_path / "one", tmp_path / "three"
+    changes = dict(train__steps=25, data__steps=1001)
+    assert cli("train", write_config(tmp_path, one, **changes, mesh__devices=1)).returncode == 0
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=3")
+    proc = subprocess.run([sys.executable, "-m", "distdeer.cli", "train",
+                           write_config(tmp_path, three, **changes, mesh__devices=3)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = metrics(one), metrics(three)
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=2e-3)
+    # too few steps for the devices: one line, exit 2, nothing written
+    short = tmp_path / "short"
+    proc = subprocess.run([sys.executable, "-m", "distdeer.cli", "train",
+                           write_config(tmp_path, short, data__steps=3, mesh__devices=3)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 2 and "shorter than the 3 devices" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and not short.exists()
+
+
+def test_evaluation_at_the_end_and_summary_over_runs(straight, tmp_path):
+    run = straight[0]
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["D_stsp"]["variant"] == "binning" and ev["D_stsp"]["n_bins"] == 30
+    assert ev["D_H"]["sigma"] == 20.0 and ev["PE"]["n"] == 20
+    assert ev["T_test"] == 1500 and ev["protocol"]["free_run_steps"] == 1500 + 375
+    assert ev["lyapunov_max"]["system_reference_per_time_unit"] == pytest.approx(0.9056)
+    for name in ("attractor.png", "spectrum.png", "timeseries.png"):
+        assert os.path.getsize(run / name) > 10_000
+    gen = np.load(run / "generated.npy")
+    assert gen.shape == (1500, 3)
+    summary = tmp_path / "summary.json"
+    proc = cli("eval", str(run), str(run), "--summary", str(summary))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = json.loads(summary.read_text())
+    for key in ("D_stsp", "D_H", "PE"):
+        assert s[key]["n"] == 2 and s[key]["mad"] == 0.0 or s[key]["nan_runs"] == 2
+    bad = cli("eval", str(tmp_path / "missing"))
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1

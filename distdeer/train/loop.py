@@ -7,7 +7,7 @@ Run directory::
     metrics.jsonl       one JSON object per logged step
     checkpoints/        Orbax checkpoints (state + metadata with params_sha256)
     loss.png            loss and α over training (written at the end)
-    attractor.png       the model running freely vs the data (written at the end)
+    eval.json, generated.npy, attractor.png, spectrum.png, timeseries.png   evaluation at the end
 
 Resume rules (all here): the same command on the same directory restores the latest *complete*
 checkpoint and continues; state that influences the next step is either checkpointed (params,
@@ -35,7 +35,6 @@ from distdeer.config import Config, ConfigError
 from distdeer.data import store, systems
 from distdeer.models import Model
 from distdeer import plots
-from distdeer.solver import sequential
 from distdeer.train import checkpoint
 from distdeer.train.step import init_state, make_train_step
 
@@ -88,17 +87,6 @@ def check_run_dir(cfg: Config) -> bool:
         raise ConfigError(f"run directory {cfg.run.dir} holds a different run ({', '.join(diffs)} differ); "
                           "choose another run.dir")
     return True
-
-
-FREE_RUN_STEPS = 20_000
-
-
-def free_run(model: Model, params, x0: np.ndarray, steps: int) -> np.ndarray:
-    """Observations ``(steps, N)`` of the model running freely from the state inferred from ``x0``."""
-    z0 = model.initial_state(params, jnp.asarray(x0))
-    states = jax.jit(lambda p, z: sequential(lambda q, v, _: model.F(q["F"], v), p, z, jnp.zeros((steps, 0))))(
-        params, z0)
-    return np.asarray(model.observe(params, states))
 
 
 def _mesh(cfg: Config, series_len: int):
@@ -222,19 +210,21 @@ def run(cfg: Config) -> dict:
                            f"{1.0 / max(last['step_time_s'], 1e-9):.1f} it/s")
             if done % cfg.checkpoint.every == 0 or done == total or stop.requested:
                 checkpoint.save(mngr, done, state, {"step": done, "params_sha256": checkpoint.params_sha256(state.params),
-                                                    "loss": last.get("loss")})
+                                                    "loss": last.get("loss"), "warm_rows": int(state.warm.shape[0])})
             if stop.requested:
                 stopped = True
                 break
     mngr.wait_until_finished()
     mngr.close()
+    evaluation = None
     if not stopped:
         plots.loss_figure(metrics_path, os.path.join(run_dir, "loss.png"))
-        generated = free_run(model, state.params, series[0], min(len(series), FREE_RUN_STEPS))
-        plots.attractor_figure(series[: len(generated)], generated, os.path.join(run_dir, "attractor.png"),
-                               f"{cfg.model.kind}, step {int(state.step)}")
+        if cfg.eval.at_end and (cfg.data.path is None or cfg.eval.data is not None):
+            from distdeer import eval as eval_mod
+
+            evaluation = eval_mod.evaluate(run_dir, cfg.eval.data)
     return {"run_dir": run_dir, "step": int(state.step), "stopped": stopped,
-            "params_sha256": checkpoint.params_sha256(state.params), "last": last}
+            "params_sha256": checkpoint.params_sha256(state.params), "last": last, "eval": evaluation}
 
 
 class _Null:

@@ -1,0 +1,166 @@
+"""``distdeer eval``: the reference DSR protocol on a trained run (DESIGN §5).
+
+Protocol: from the first test point the model runs freely for 1.25·T_test steps; the first 0.25·T_test
+are dropped, so the compared generated series has exactly the test series' length.  Measures: D_stsp
+(binning for N < 6, Gaussian mixture otherwise), D_H (σ = 20), PE(20), and the model's largest Lyapunov
+exponent along the generated trajectory.  Writes into the run directory ``eval.json``,
+``generated.npy`` (in the test data's units), ``attractor.png``, ``spectrum.png`` and ``timeseries.png``.
+Several run directories (seeds) are summarised by median ± MAD per measure, NaN runs counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distdeer import config as config_mod
+from distdeer import metrics, plots
+from distdeer.data import store, systems
+from distdeer.models import Model
+from distdeer.solver import sequential
+from distdeer.train import checkpoint
+from distdeer.train.step import init_state
+
+KNOWN_LYAPUNOV = {"lorenz63": 0.9056, "rossler": 0.0714}  # largest exponents per time unit (literature)
+PE_STEPS = 20
+SIGMA = 20.0
+N_BINS = 30
+LYAPUNOV_STEPS = 20_000
+
+
+class EvalError(ValueError):
+    """A run directory or test file that cannot be evaluated."""
+
+
+def load_run(run_dir: str):
+    """(config, model, params, normalisation) of the latest complete checkpoint of a run."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise EvalError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = config_mod.load(path)
+    with open(os.path.join(run_dir, "normalisation.json")) as f:
+        norm = json.load(f)
+    mngr = checkpoint.manager(os.path.join(run_dir, "checkpoints"), cfg.checkpoint.keep)
+    step = mngr.latest_step()
+    if step is None:
+        raise EvalError(f"{run_dir} has no complete checkpoint to evaluate")
+    model = Model.from_config(cfg.model, len(norm["mean"]))
+    # The abstract target only needs shapes: a tiny series stands in for the data.
+    target = init_state(model, cfg, jnp.zeros((2, len(norm["mean"])), jnp.float32))
+    rows = checkpoint.read_meta(os.path.join(run_dir, "checkpoints"), step).get("warm_rows", 1)
+    target = target._replace(warm=jnp.zeros((rows, model.latent), jnp.float32))
+    state, _ = checkpoint.restore(mngr, step, target)
+    mngr.close()
+    return cfg, model, state.params, norm, step
+
+
+def test_series(cfg, norm: dict, path: str | None) -> tuple[np.ndarray, str]:
+    """Test observations in the *training* standardisation.  Without a path, a fresh clean trajectory
+    of the configured system (another seed) is generated."""
+    mean, std = np.asarray(norm["mean"]), np.asarray(norm["std"])
+    if path is None:
+        if cfg.data.path is not None:
+            raise EvalError("the run trained on a file: pass the test series with --data")
+        raw = np.asarray(systems.generate(cfg.data.system, cfg.data.steps, cfg.data.dt, 0.0, cfg.data.seed + 1000),
+                         np.float64)
+        source = f"generated:{cfg.data.system}:seed{cfg.data.seed + 1000}"
+    else:
+        if not os.path.exists(path):
+            raise EvalError(f"test data {path} not found")
+        if path.rstrip("/").endswith(".zarr"):
+            z, attrs = store.read(path)
+            raw = z * np.asarray(attrs["std"]) + np.asarray(attrs["mean"])
+        else:
+            raw = store.read_raw(path)
+        source = path
+    if raw.shape[1] != len(mean):
+        raise EvalError(f"test data has {raw.shape[1]} dimensions, the model observes {len(mean)}")
+    return ((raw - mean) / std).astype(np.float32), source
+
+
+def free_run(model: Model, params, x0, steps: int) -> np.ndarray:
+    """Observations (steps, N) of the model running freely from the state inferred from ``x0``."""
+    z0 = model.initial_state(params, jnp.asarray(x0))
+    states = jax.jit(lambda p, z: sequential(lambda q, v, _: model.F(q["F"], v), p, z, jnp.zeros((steps, 0))))(
+        params, z0)
+    return np.asarray(model.observe(params, states))
+
+
+def n_step_predictions(model: Model, params, x_starts: np.ndarray, n: int) -> np.ndarray:
+    """From every start observation: infer the state, run n steps, observe."""
+    def one(x0):
+        z = model.initial_state(params, x0)
+        z = jax.lax.fori_loop(0, n, lambda _, v: model.F(params["F"], v), z)
+        return model.observe(params, z)
+
+    return np.asarray(jax.jit(jax.vmap(one))(jnp.asarray(x_starts)))
+
+
+def largest_lyapunov(model: Model, params, x0, steps: int = LYAPUNOV_STEPS, transient: int = 1000) -> float:
+    """Largest Lyapunov exponent per step: mean log growth of a tangent vector renormalised each step."""
+    z0 = model.initial_state(params, jnp.asarray(x0))
+
+    def body(carry, _):
+        z, v = carry
+        w = model.jac(params["F"], z) @ v
+        g = jnp.linalg.norm(w)
+        return (model.F(params["F"], z), w / g), jnp.log(g)
+
+    @jax.jit
+    def run(z0):
+        z = jax.lax.fori_loop(0, transient, lambda _, v: model.F(params["F"], v), z0)
+        v = jnp.ones_like(z) / jnp.sqrt(z.shape[0])
+        return jnp.mean(jax.lax.scan(body, (z, v), None, length=steps)[1])
+
+    return float(run(z0))
+
+
+def evaluate(run_dir: str, data: str | None = None, figures: bool = True) -> dict:
+    cfg, model, params, norm, step = load_run(run_dir)
+    x_test, source = test_series(cfg, norm, data)
+    T = len(x_test)
+    drop = T // 4
+    gen = free_run(model, params, x_test[0], T + drop)[drop:]
+    N = x_test.shape[1]
+    res = {"run_dir": os.path.abspath(run_dir), "step": step, "test_data": source, "T_test": T,
+           "protocol": {"free_run_steps": T + drop, "dropped": drop, "start": "first test point"}}
+    if N < 6:
+        res["D_stsp"] = {"value": metrics.state_space_divergence(x_test, gen, n_bins=N_BINS),
+                         "variant": "binning", "n_bins": N_BINS}
+    else:
+        res["D_stsp"] = {"value": metrics.state_space_divergence_gmm(x_test, gen), "variant": "gmm",
+                         "scaling": 1.0, "max_t": 10_000, "mc_samples": 1000, "seed": 0}
+    res["D_H"] = {"value": metrics.power_spectrum_distance(x_test, gen, SIGMA), "sigma": SIGMA}
+    res["PE"] = {"value": metrics.prediction_error(lambda xs, n: n_step_predictions(model, params, xs, n),
+                                                   x_test, PE_STEPS), "n": PE_STEPS, "units": "standardised"}
+    lyap = largest_lyapunov(model, params, x_test[0])
+    res["lyapunov_max"] = {"per_step": lyap, "per_time_unit": lyap / cfg.data.dt, "dt": cfg.data.dt,
+                           "system_reference_per_time_unit": KNOWN_LYAPUNOV.get(cfg.data.system)
+                           if cfg.data.path is None else None}
+    mean, std = np.asarray(norm["mean"]), np.asarray(norm["std"])
+    np.save(os.path.join(run_dir, "generated.npy"), (gen * std + mean).astype(np.float32))
+    if figures:
+        plots.attractor_figure(x_test, gen, os.path.join(run_dir, "attractor.png"),
+                               f"D_stsp {res['D_stsp']['value']:.3f}  D_H {res['D_H']['value']:.3f}")
+        plots.spectrum_figure(metrics.smoothed_spectra(x_test, SIGMA), metrics.smoothed_spectra(gen, SIGMA),
+                              os.path.join(run_dir, "spectrum.png"))
+        plots.timeseries_figure(x_test, gen, os.path.join(run_dir, "timeseries.png"))
+    with open(os.path.join(run_dir, "eval.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    return res
+
+
+def summarise(results: list[dict]) -> dict:
+    """Median ± MAD per measure over runs (seeds); NaN runs are counted, not averaged."""
+    out = {"runs": [r["run_dir"] for r in results]}
+    for key in ("D_stsp", "D_H", "PE"):
+        vals = np.array([r[key]["value"] for r in results], np.float64)
+        ok = vals[np.isfinite(vals)]
+        med = float(np.median(ok)) if len(ok) else float("nan")
+        out[key] = {"median": med, "mad": float(np.median(np.abs(ok - med))) if len(ok) else float("nan"),
+                    "n": len(vals), "nan_runs": int((~np.isfinite(vals)).sum()), "values": vals.tolist()}
+    return out
