@@ -60,7 +60,7 @@ def test_sequences_shorter_than_twice_the_devices(T, n):
     step, params, z0, xs = problem("gru", T)
     mesh = mesh_of(n)
     sol = deer(step, params, z0, xs, mesh=mesh)
-    np.testing.assert_allclose(sol.states, sequential(step, params, z0, xs), atol=1e-6)
+    np.testing.assert_allclose(sol.states, sequential(step, params, z0, xs), atol=2e-5)
     g = grads(lambda p, z, x: deer(step, p, z, x, mesh=mesh).states, step, params, z0, xs)
     g_ref = grads(lambda p, z, x: sequential(step, p, z, x), step, params, z0, xs)
     assert rel_err(g, g_ref) < 1e-4
