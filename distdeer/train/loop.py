@@ -20,6 +20,7 @@ step, saves, and exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -191,7 +192,7 @@ def run(cfg: Config) -> dict:
     last = {}
     t_prev = time.perf_counter()
     stopped = False
-    with _Stop() as stop, open(metrics_path, "a") as log, (bar if bar is not None else _Null()):
+    with _Stop() as stop, open(metrics_path, "a") as log, (bar if bar is not None else contextlib.nullcontext()):
         for step in range(start, total):
             state, m = train_step(state, series_j)
             done = step + 1
@@ -225,14 +226,6 @@ def run(cfg: Config) -> dict:
             evaluation = eval_mod.evaluate(run_dir, cfg.eval.data)
     return {"run_dir": run_dir, "step": int(state.step), "stopped": stopped,
             "params_sha256": checkpoint.params_sha256(state.params), "last": last, "eval": evaluation}
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def inspect(run_dir: str) -> dict:
