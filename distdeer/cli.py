@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dirs", nargs="+")
     e.add_argument("--data", help="test series (.npy/.csv/.zarr); default: a fresh generated trajectory")
     e.add_argument("--summary", metavar="PATH", help="write the median ± MAD summary of several runs as JSON")
+    sw = commands.add_parser("sweep", help="train one config for several seeds, then summarise (median ± MAD)")
+    sw.add_argument("config")
+    sw.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    sw.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
     i = commands.add_parser("inspect", help="print a run directory's state as JSON")
     i.add_argument("run_dir")
     d = commands.add_parser("data", help="generate or import trajectories (tensorstore zarr3)")
@@ -93,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-iter", type=_positive("--max-iter"), default=50)
     g.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
     return parser
+
+
+def _seeds(text):
+    try:
+        seeds = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds must list distinct seeds, got {text!r}")
+    return seeds
 
 
 def _lengths(text):
@@ -224,6 +238,39 @@ def _eval(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    """Seeds run one after another (each resumable: rerun the sweep after an interruption); the
+    summary of their evaluations goes to ``<run.dir>-summary.json``."""
+    import json
+
+    from distdeer import config
+    from distdeer import eval as eval_mod
+    from distdeer.train import loop
+
+    try:
+        base = config.load(args.config, args.overrides)
+        runs = [config.load(args.config, [*args.overrides, f"seed={k}", f"run.dir={base.run.dir}-seed{k}"])
+                for k in args.seeds]
+        for cfg in runs:  # validate every run before starting any
+            loop.prepare(cfg)
+        results = []
+        for cfg in runs:
+            summary = loop.run(cfg)
+            if summary["stopped"]:
+                print(f"distdeer: sweep stopped during {cfg.run.dir}; rerun to resume")
+                return 0
+            results.append(summary["eval"] or eval_mod.evaluate(cfg.run.dir, cfg.eval.data))
+    except (*_user_errors(), eval_mod.EvalError) as e:
+        raise UsageError(str(e)) from None
+    out = f"{base.run.dir}-summary.json"
+    summary = eval_mod.summarise(results)
+    with open(out, "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
+    print(f"distdeer: sweep summary written to {out}")
+    return 0
+
+
 def _inspect(args) -> int:
     import json
 
@@ -279,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "inspect":
             return _inspect(args)
         if args.command == "data":

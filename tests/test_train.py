@@ -245,3 +245,15 @@ def test_evaluation_at_the_end_and_summary_over_runs(straight, tmp_path):
         assert s[key]["n"] == 2 and s[key]["mad"] == 0.0 or s[key]["nan_runs"] == 2
     bad = cli("eval", str(tmp_path / "missing"))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_sweep_over_seeds_writes_a_summary(tmp_path):
+    base = tmp_path / "sw"
+    cfg = write_config(tmp_path, base, train__steps=12, data__steps=800)
+    proc = cli("sweep", cfg, "--seeds", "4,5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "sw-summary.json").read_text())
+    assert summary["runs"] == [str(tmp_path / "sw-seed4"), str(tmp_path / "sw-seed5")]
+    for key in ("D_stsp", "D_H", "PE"):
+        assert summary[key]["n"] == 2 and "median" in summary[key] and "mad" in summary[key]
+    assert inspect(tmp_path / "sw-seed4")["params_sha256"] != inspect(tmp_path / "sw-seed5")["params_sha256"]
