@@ -122,6 +122,19 @@ def _options(T, z0, jacobian, max_iter, atol, rtol, method, block, axis_name, sy
                    fallback=bool(fallback), adjoint_max_iter=int(adjoint_max_iter))
 
 
+SOLVER_OPTIONS = dict(jacobian="dense", max_iter=None, atol=None, rtol=None, jac=None, jac_diag=None,
+                      fallback=False, method=None, block=None, adjoint_max_iter=200)
+
+
+def _solver_options(given: dict) -> dict:
+    """The solver keywords of ``deer`` (same names and defaults) for ``deer_batch``/``deer_shard``."""
+    unknown = sorted(set(given) - set(SOLVER_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown solver option {unknown[0]!r}; options are those of deer: "
+                        f"{', '.join(SOLVER_OPTIONS)}")
+    return {**SOLVER_OPTIONS, **given}
+
+
 def _prepare(step, params, z0, xs, init, *, batch, mesh, mesh_axes, time_axis, sync_axes, length,
              jacobian, max_iter, atol, rtol, jac, jac_diag, fallback, method, block, adjoint_max_iter):
     """Shared prologue of the entry points: validate, build Dynamics and Options, default the guess.
@@ -272,17 +285,8 @@ def deer_batch(
     data_axis: str = "data",
     time_axis: str = "time",
     init: jax.Array | None = None,
-    jacobian: str = "dense",
-    max_iter: int | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
     throw: bool = True,
-    jac: Callable | None = None,
-    jac_diag: Callable | None = None,
-    fallback: bool = False,
-    method: str | None = None,
-    block: int | None = None,
-    adjoint_max_iter: int = 200,
+    **options,
 ) -> Solution:
     """Solve a batch of independent sequences: ``z0`` ``(B, M)``, ``xs`` ``(B, T, …)``.
 
@@ -291,14 +295,15 @@ def deer_batch(
     Every device runs the same number of Newton iterations (the loop is kept in lockstep over both
     axes); each sequence keeps its own ``iterations``/``converged``/``residual``.  Without a mesh this
     is ``jax.vmap`` of ``deer``.  Fields of the returned ``Solution`` gain a leading batch axis.
+    ``options`` are ``deer``'s solver keywords (``jacobian``, ``max_iter``, ``atol``, ``rtol``, ``jac``,
+    ``jac_diag``, ``fallback``, ``method``, ``block``, ``adjoint_max_iter``), with the same defaults.
     """
     axes = (data_axis, time_axis)
     sharded = mesh is not None
     dyn, opts, z0, init = _prepare(
         step, params, z0, xs, init, batch=True, mesh=mesh, mesh_axes=axes,
         time_axis=time_axis if sharded else None, sync_axes=axes if sharded else (), length=None,
-        jacobian=jacobian, max_iter=max_iter, atol=atol, rtol=rtol, jac=jac, jac_diag=jac_diag,
-        fallback=fallback, method=method, block=block, adjoint_max_iter=adjoint_max_iter)
+        **_solver_options(options))
     B, T, ext = z0.shape[0], opts.length, params
     solve_many = partial(solve_slice, dyn, opts, True)
     if not sharded:
@@ -327,17 +332,8 @@ def deer_shard(
     length: int | None = None,
     sync_axes: tuple = (),
     init: jax.Array | None = None,
-    jacobian: str = "dense",
-    max_iter: int | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
     throw: bool = False,
-    jac: Callable | None = None,
-    jac_diag: Callable | None = None,
-    fallback: bool = False,
-    method: str | None = None,
-    block: int | None = None,
-    adjoint_max_iter: int = 200,
+    **options,
 ) -> Solution:
     """The time-sharded DEER kernel, to call inside your own ``shard_map`` over ``axis_name``.
 
@@ -347,13 +343,13 @@ def deer_shard(
     further manual mesh axes whose devices must run in lockstep (e.g. a ``data`` axis when each data
     shard solves its own sequence).  Returns the local ``states`` and global statistics.  Gradients
     w.r.t. replicated ``params``/``z0`` are summed across devices as JAX's sharding rules require.
+    ``options`` are ``deer``'s solver keywords, with the same defaults.
     """
     n = _time_length(xs)
     dyn, opts, z0, init = _prepare(
         step, params, z0, xs, init, batch=False, mesh=None, mesh_axes=(), time_axis=axis_name,
         sync_axes=tuple(dict.fromkeys((axis_name,) + tuple(sync_axes))),
         length=n * jax.lax.axis_size(axis_name) if length is None else length,
-        jacobian=jacobian, max_iter=max_iter, atol=atol, rtol=rtol, jac=jac, jac_diag=jac_diag,
-        fallback=fallback, method=method, block=block, adjoint_max_iter=adjoint_max_iter)
+        **_solver_options(options))
     sol = solve_slice(dyn, opts, False, params, z0, xs, init)
     return _raise_if_failed(sol, "deer_shard") if throw else sol
