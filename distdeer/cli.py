@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--steps", type=_positive("--steps"), default=200)
     bt.add_argument("--latent", type=_positive("--latent"), default=3)
     bt.add_argument("--hidden", type=_positive("--hidden"), default=50)
+    bt.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for both runs (repeatable), e.g. gtf.every=1")
     bt.add_argument("--json", metavar="PATH")
     g = which.add_parser("gtf", help="Newton iterations of GTF-DEER vs plain DEER on chaotic Lorenz-63")
     g.add_argument("--T", type=_lengths, default=[10_000, 100_000, 1_000_000],
@@ -177,7 +179,10 @@ def _bench_train(args) -> int:
 
     from distdeer.bench import train as bench_train
 
-    res = bench_train.run(args.T, args.steps, args.latent, args.hidden)
+    try:
+        res = bench_train.run(args.T, args.steps, args.latent, args.hidden, overrides=args.overrides)
+    except _user_errors() as e:
+        raise UsageError(str(e)) from None
     print(bench_train.report(res))
     if args.json:
         with open(args.json, "w") as f:

@@ -21,12 +21,14 @@ from distdeer.train.loop import load_series
 from distdeer.train.step import init_state, make_train_step
 
 
-def run(T: int = 100_000, steps: int = 200, latent: int = 3, hidden: int = 50, seed: int = 0) -> dict:
+def run(T: int = 100_000, steps: int = 200, latent: int = 3, hidden: int = 50, seed: int = 0,
+        overrides: list[str] = ()) -> dict:
     base = config_mod.load(None, [f"data.steps={T + 1}", f"model.latent={latent}", f"model.hidden={hidden}",
-                                  f"train.steps={steps}", f"seed={seed}", "mesh.devices=1"])
+                                  f"train.steps={steps}", f"seed={seed}", "mesh.devices=1", *overrides])
     series, _ = load_series(base)
     x = jnp.asarray(series)
-    out = {"T": T, "steps": steps, "latent": latent, "hidden": hidden, "backend": jax.default_backend()}
+    out = {"T": T, "steps": steps, "latent": latent, "hidden": hidden, "overrides": list(overrides),
+           "backend": jax.default_backend()}
     losses = {}
     for kind in ("deer", "sequential"):
         cfg = dataclasses.replace(base, solver=dataclasses.replace(base.solver, kind=kind))
