@@ -1,8 +1,15 @@
 """The ``distdeer`` command line.
 
+    distdeer train CONFIG.yaml [dotted.key=value ...]
+    distdeer eval RUN_DIR [RUN_DIR ...] [--data TEST] [--summary PATH]
+    distdeer sweep CONFIG.yaml [overrides] --seeds 0,1,2
+    distdeer inspect RUN_DIR
+    distdeer data generate SYSTEM --steps N [--dt] [--noise] [--dim] [--seed] --out PATH.zarr
+    distdeer data import FILE.npy|FILE.csv --out PATH.zarr
     distdeer bench solver --T 100000 --latent 3 --hidden 50 [--devices P] [--jacobian dense|diagonal]
-                          [--alpha A] [--method blocked|associative] [--repeats R] [--json PATH]
+                          [--alpha A] [--method blocked|associative] [--repeats R] [--memory-only] [--json PATH]
     distdeer bench gtf --T 10000,100000,1000000 [--alpha 0.1] [--max-iter 50] [--json PATH]
+    distdeer bench train --T 100000 --steps 200 [--set KEY=VALUE] [--json PATH]
 
 Bad input is reported in one line on stderr with exit code 2, before anything is computed or written.
 """
