@@ -75,6 +75,8 @@ def timeseries_figure(x_true: np.ndarray, x_gen: np.ndarray, out: str, steps: in
         axes[d][0].set_ylabel(f"x{d}")
     axes[0][0].legend(loc="upper right")
     axes[-1][0].set_xlabel("step")
+    fig.suptitle("the compared series (the model's starts after its dropped transient: not time-aligned)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
