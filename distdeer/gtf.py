@@ -86,11 +86,20 @@ def jacobian_norm(jac: Callable, params, states: jax.Array, *, kind: str = "geom
     rate per step that bounds ``‖J_T ⋯ J_1‖``; ``"mean"``: arithmetic mean of ``‖J(z_t)‖₂``.
     """
     norms = jax.vmap(lambda z: jnp.linalg.norm(jac(params, z), 2))(states)
+    return reduce_norms(norms, kind)
+
+
+def reduce_norms(norms: jax.Array, kind: str) -> jax.Array:
+    """𝒩 from per-step spectral norms ``(..., T)``: ``geometric`` (product upper bound, exp mean log),
+    ``mean`` (arithmetic), or ``max`` (the batch maximum of per-sequence geometric means)."""
+    logs = jnp.log(jnp.maximum(norms, 1e-30))
     if kind == "geometric":
-        return jnp.exp(jnp.mean(jnp.log(jnp.maximum(norms, 1e-30))))
+        return jnp.exp(jnp.mean(logs))
     if kind == "mean":
         return jnp.mean(norms)
-    raise ValueError(f"gtf.jacobian_norm: unknown kind {kind!r}")
+    if kind == "max":
+        return jnp.max(jnp.exp(jnp.mean(logs, axis=-1)))
+    raise ValueError(f"gtf: unknown Jacobian-norm estimate {kind!r}")
 
 
 def alpha_from_norm(norm: jax.Array) -> jax.Array:

@@ -92,7 +92,7 @@ def _check_inputs(step, params, z0, xs, init, jacobian, mesh, axis_names, batch:
         for name in axis_names:
             if name not in mesh.axis_names:
                 raise ValueError(f"deer: mesh has axes {mesh.axis_names}, no axis named {name!r}")
-    return z0, T, x0, z_one
+    return z0, T
 
 
 def _dynamics(step, jac, jac_diag) -> Dynamics:
@@ -140,7 +140,7 @@ def _prepare(step, params, z0, xs, init, *, batch, mesh, mesh_axes, time_axis, s
     """Shared prologue of the entry points: validate, build Dynamics and Options, default the guess.
 
     ``length``: the number of real steps (None: all of xs).  Returns (dyn, opts, z0, init)."""
-    z0, T, _, _ = _check_inputs(step, params, z0, xs, init, jacobian, mesh, mesh_axes, batch)
+    z0, T = _check_inputs(step, params, z0, xs, init, jacobian, mesh, mesh_axes, batch)
     opts = _options(T if length is None else int(length), z0, jacobian, max_iter, atol, rtol, method, block,
                     time_axis, sync_axes, fallback, adjoint_max_iter)
     if init is None:

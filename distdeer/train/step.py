@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from distdeer.config import Config
-from distdeer.gtf import ForcedStep, alpha_from_norm
+from distdeer.gtf import ForcedStep, alpha_from_norm, reduce_norms
 from distdeer.models import Model
 from distdeer.solver import Result, Solution, deer, deer_batch, sequential
 
@@ -80,13 +80,7 @@ def _jacobian_norm(model: Model, params, zt: jax.Array, kind: str, sample: int) 
     stride = max(1, zt.shape[-2] // sample)
     z = zt[..., ::stride, :]
     norms = jnp.linalg.norm(jax.vmap(lambda v: model.jac(params["F"], v))(z.reshape(-1, z.shape[-1])), 2, axis=(1, 2))
-    norms = norms.reshape(z.shape[:-1])
-    logs = jnp.log(jnp.maximum(norms, 1e-30))
-    if kind == "geometric":
-        return jnp.exp(jnp.mean(logs))
-    if kind == "max":
-        return jnp.max(jnp.exp(jnp.mean(logs, axis=-1)))
-    return jnp.mean(norms)
+    return reduce_norms(norms.reshape(z.shape[:-1]), kind)
 
 
 def make_train_step(model: Model, cfg: Config, mesh=None):
