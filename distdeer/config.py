@@ -84,7 +84,20 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class MeshConfig:
-    devices: int | None = None  # None: all local devices
+    devices: int | None = None  # None: all devices (of all processes)
+    hosts: int = 1  # JAX processes, one per host (launch/train.py --hosts sets it)
+    devices_per_host: int | None = None  # None: all of a host's accelerators; on CPU: simulated devices
+
+
+@dataclasses.dataclass
+class RayConfig:
+    """Used by launch/train.py only (not part of a run's identity)."""
+
+    max_failures: int = 3  # group restarts after worker failures before the job fails
+    watchdog_s: float = 300.0  # a step that takes longer than this on any rank is a failure (hang)
+    startup_s: float = 900.0  # allowance for placing the group, starting JAX and the first step (compile)
+    placement: str = "STRICT_SPREAD"  # one process per node; PACK to let a small cluster share nodes
+    cpus_per_host: float = 1.0  # CPUs reserved per worker process
 
 
 @dataclasses.dataclass
@@ -104,6 +117,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
@@ -115,11 +129,13 @@ CHOICES = {
     "gtf.norm": ("geometric", "max", "mean"),
     "solver.kind": ("deer", "sequential"),
     "solver.jacobian": ("dense", "diagonal"),
+    "ray.placement": ("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"),
 }
 POSITIVE = ("data.steps", "data.dt", "model.latent", "model.hidden", "gtf.every", "gtf.decay", "gtf.sample",
             "solver.max_iter", "train.steps", "train.batch", "train.lr", "train.lr_end", "train.log_every",
-            "checkpoint.every", "checkpoint.keep", "train.seq_len", "mesh.devices")
-NON_NEGATIVE = ("data.noise", "model.nonlinear", "train.clip", "train.lambda_lat")
+            "checkpoint.every", "checkpoint.keep", "train.seq_len", "mesh.devices",
+            "mesh.hosts", "mesh.devices_per_host", "ray.watchdog_s", "ray.startup_s", "ray.cpus_per_host")
+NON_NEGATIVE = ("data.noise", "model.nonlinear", "train.clip", "train.lambda_lat", "ray.max_failures")
 
 
 def _check_type(key: str, value: Any, tp) -> Any:

@@ -35,6 +35,14 @@ def params_sha256(params) -> str:
     return h.hexdigest()
 
 
+def state_sha256(state) -> str:
+    """Fingerprint of everything a resumed step depends on except the Newton warm start: parameters,
+    optimizer state, α and the step.  Saved in the metadata and checked on every restore — also
+    when the restore lands on another device count (elastic resume), where it must be bitwise equal."""
+    return params_sha256({"params": state.params, "opt_state": state.opt_state, "alpha": state.alpha,
+                          "step": state.step})
+
+
 def manager(directory: str, keep: int) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)

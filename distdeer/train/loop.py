@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import jax
@@ -32,12 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from distdeer import config as config_mod
-from distdeer.config import Config, ConfigError
-from distdeer.data import store, systems
-from distdeer.models import Model
+from distdeer import distributed
+from distdeer import mesh as mesh_mod
 from distdeer import plots
+from distdeer.config import Config, ConfigError
+from distdeer.data import loader, store
+from distdeer.models import Model
 from distdeer.train import checkpoint
-from distdeer.train.step import init_state, make_train_step
+from distdeer.train.step import TrainState, init_state, make_train_step
 
 IDENTITY_SECTIONS = ("seed", "data", "model", "gtf", "solver")
 IDENTITY_TRAIN_KEYS = ("seq_len", "batch", "lambda_lat", "lr", "lr_end", "clip", "steps")
@@ -52,13 +55,9 @@ def enable_compilation_cache() -> None:
 
 
 def load_series(cfg: Config) -> tuple[np.ndarray, dict]:
-    """Standardised training series (T, N) and its normalisation (from the file or generated)."""
-    if cfg.data.path is not None:
-        return store.load(cfg.data.path)
-    raw = np.asarray(systems.generate(cfg.data.system, cfg.data.steps, cfg.data.dt, cfg.data.noise,
-                                      cfg.data.seed), np.float64)
-    z, mean, std = store.standardise(raw)
-    return z, {"mean": mean.tolist(), "std": std.tolist(), "source": f"generated:{cfg.data.system}"}
+    """The whole standardised training series (T, N), validated, and its normalisation."""
+    source = loader.open_source(cfg)
+    return store.check_series(source.all(), source.info["source"]), source.info
 
 
 def _identity(cfg: Config) -> dict:
@@ -90,19 +89,20 @@ def check_run_dir(cfg: Config) -> bool:
     return True
 
 
-def _mesh(cfg: Config, series_len: int):
-    devices = jax.devices()
-    n = cfg.mesh.devices or len(devices)
-    if n > len(devices):
-        raise ConfigError(f"mesh.devices={n} but only {len(devices)} devices are available")
-    if n == 1:
-        return None
-    axis = "time" if cfg.train.seq_len is None else "data"
-    if axis == "time" and series_len - 1 < n:
-        raise ConfigError(f"series of {series_len} steps is shorter than the {n} devices it is sharded over")
-    if axis == "data":
-        return jax.sharding.Mesh(np.array(devices[:n]).reshape(n, 1), ("data", "time"))
-    return jax.sharding.Mesh(np.array(devices[:n]), ("time",))
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def start_run_dir(cfg: Config, info: dict) -> None:
+    """Create the run directory: ``config.yaml`` (kept when resuming) and ``normalisation.json``."""
+    resuming = check_run_dir(cfg)
+    os.makedirs(cfg.run.dir, exist_ok=True)
+    if not resuming:
+        _write_atomic(os.path.join(cfg.run.dir, "config.yaml"), config_mod.dump(cfg))
+    _write_atomic(os.path.join(cfg.run.dir, "normalisation.json"), json.dumps(info, indent=1))
 
 
 def _cut_metrics(path: str, step: int) -> None:
@@ -110,34 +110,51 @@ def _cut_metrics(path: str, step: int) -> None:
         return
     with open(path) as f:
         keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    _write_atomic(path, "".join(keep))
 
 
-class _Stop:
-    """SIGTERM/SIGINT → stop at the next step boundary (after saving)."""
+class Control:
+    """A handle on a running loop, safe to use from another thread (a launcher's supervisor) or a
+    signal handler: ``stop()`` asks for a checkpoint and a clean exit at the next step boundary;
+    ``progress()`` gives the last completed step and the seconds since (the launcher's watchdog)."""
 
     def __init__(self):
-        self.requested = False
-        self._old = {}
+        self._stop = threading.Event()
+        self._step: int | None = None
+        self._time = time.monotonic()
 
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
+    def stop(self, *_) -> None:
+        self._stop.set()
 
-    def _handle(self, signum, frame):
-        self.requested = True
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
 
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
+    def beat(self, step: int) -> None:
+        self._step, self._time = step, time.monotonic()
+
+    def progress(self) -> tuple[int | None, float]:
+        return self._step, time.monotonic() - self._time
+
+
+@contextlib.contextmanager
+def _signals_stop(control: Control):
+    """SIGTERM/SIGINT → ``control.stop()`` (only the main thread may install handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, control.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
             signal.signal(sig, handler)
 
 
-def _progress(total: int, start: int):
-    """A rich progress bar on a terminal; plain log lines otherwise."""
+def _progress(total: int, start: int, quiet: bool):
+    """A rich progress bar on a terminal; plain log lines otherwise; nothing on processes other than 0."""
+    if quiet:
+        return None, lambda step, info: None
     if sys.stdout.isatty():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -148,55 +165,95 @@ def _progress(total: int, start: int):
     return None, lambda step, info: print(f"step {step}/{total} {info}", flush=True)
 
 
-def prepare(cfg: Config):
-    """Everything that can fail on bad input, with no side effect: (series, info, model, resume?)."""
-    series, info = load_series(cfg)
-    T, N = series.shape
+def prepare(cfg: Config, read: bool = True):
+    """Everything that can fail on bad input, with no side effect: (source, model, resume?).
+
+    ``read=False`` (a launcher checking a run before its workers start) reads only metadata of a zarr
+    series; otherwise the whole series is read and validated."""
+    source = loader.open_source(cfg)
+    if read and jax.process_count() == 1:
+        store.check_series(source.all(), source.info["source"])
+    T, N = source.shape
     S = cfg.train.seq_len
     if S is not None and S + 1 > T:
         raise ConfigError(f"train.seq_len={S} needs a series of at least {S + 1} steps, got {T}")
+    if cfg.mesh.hosts != jax.process_count() and read:
+        raise ConfigError(f"mesh.hosts={cfg.mesh.hosts} but this is {jax.process_count()} process(es); "
+                          "multi-host runs start with launch/train.py --hosts N")
     try:
         model = Model.from_config(cfg.model, N)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return series, info, model, check_run_dir(cfg)
+    return source, model, check_run_dir(cfg)
 
 
-def run(cfg: Config) -> dict:
-    """Train (or resume) the configured run; returns a summary dict."""
+def initial_state(model: Model, cfg: Config, series: jax.Array, length: int, mesh) -> TrainState:
+    """Fresh state as global arrays on ``mesh``: replicated parameters and optimizer state; in
+    whole-series mode the Newton warm start is the data's forcing states."""
+    state = mesh_mod.replicate(init_state(model, cfg, None), mesh)
+    if cfg.train.seq_len is None:
+        shardings = {} if mesh is None else {"out_shardings": mesh_mod.replicated(mesh)}
+        warm = jax.jit(lambda p, x: model.forcing(p, x[:length])[1:], **shardings)(state.params, series)
+        state = state._replace(warm=warm)
+    return state
+
+
+def run(cfg: Config, control: Control | None = None) -> dict:
+    """Train (or resume) the configured run; returns a summary dict.
+
+    The same function runs in one process and in each process of a ``jax.distributed`` group (the
+    launcher's workers): every process builds the same global mesh and steps together; process 0
+    alone writes the plain files; checkpoints are collective (Orbax)."""
     enable_compilation_cache()
-    series, info, model, resuming = prepare(cfg)
-    mesh = _mesh(cfg, series.shape[0])
+    control = control or Control()
+    multi = jax.process_count() > 1
+    primary = distributed.is_primary()
+    source, model, _ = prepare(cfg)
+    T = source.shape[0]
+    mesh = mesh_mod.build(cfg, T)
     run_dir = cfg.run.dir
-    os.makedirs(run_dir, exist_ok=True)
-    if not resuming:
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(config_mod.dump(cfg))
-    with open(os.path.join(run_dir, "normalisation.json"), "w") as f:
-        json.dump(info, f, indent=1)
-    series_j = jnp.asarray(series)
-    state = init_state(model, cfg, series_j)
+    if primary:
+        start_run_dir(cfg, source.info)
+    distributed.barrier("distdeer-run-dir")
+    series = mesh_mod.series_array(source, mesh)
+    state = initial_state(model, cfg, series, T, mesh)
     mngr = checkpoint.manager(os.path.join(run_dir, "checkpoints"), cfg.checkpoint.keep)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     latest = mngr.latest_step()
     if latest is not None:
-        state, _ = checkpoint.restore(mngr, latest, state)
-        _cut_metrics(metrics_path, latest)
-    elif os.path.exists(metrics_path):
+        state, meta = checkpoint.restore(mngr, latest, state)
+        if "state_sha256" in meta and checkpoint.state_sha256(state) != meta["state_sha256"]:
+            raise checkpoint.CheckpointError(f"checkpoint {latest} in {run_dir}/checkpoints restored to a state "
+                                             "that differs from the one saved (state_sha256 mismatch)")
+        if primary:
+            _cut_metrics(metrics_path, latest)
+    elif primary and os.path.exists(metrics_path):
         os.remove(metrics_path)
     start = int(state.step)
     # No buffer donation: an asynchronous checkpoint may still be reading the previous state.
-    train_step = jax.jit(make_train_step(model, cfg, mesh))
+    shardings = {}
+    if mesh is not None:
+        # Pinned to the state's own (replicated) shardings: otherwise the second step recompiles for the
+        # first step's output layout.  The warm start is thereby gathered once per step (T·M floats).
+        state_sh = jax.tree.map(lambda a: a.sharding, state)
+        shardings = {"in_shardings": (state_sh, series.sharding),
+                     "out_shardings": (state_sh, mesh_mod.replicated(mesh))}
+    train_step = jax.jit(make_train_step(model, cfg, mesh, length=T), **shardings)
     total = cfg.train.steps
-    bar, show = _progress(total, start)
+    bar, show = _progress(total, start, quiet=not primary)
     last = {}
     t_prev = time.perf_counter()
     stopped = False
-    with _Stop() as stop, open(metrics_path, "a") as log, (bar if bar is not None else contextlib.nullcontext()):
+    log = open(metrics_path, "a") if primary else contextlib.nullcontext()
+    with _signals_stop(control), log, (bar if bar is not None else contextlib.nullcontext()):
         for step in range(start, total):
-            state, m = train_step(state, series_j)
+            state, m = train_step(state, series)
             done = step + 1
-            if done % cfg.train.log_every == 0 or done == total or stop.requested:
+            if multi:  # the watchdog's heartbeat must mean the step really finished
+                jax.block_until_ready(m.loss)
+            control.beat(done)
+            stop = distributed.any_process(control.stop_requested)
+            if done % cfg.train.log_every == 0 or done == total or stop:
                 m = jax.device_get(m)
                 now = time.perf_counter()
                 last = {"step": done, "loss": float(m.loss), "mse": float(m.mse), "alpha": float(m.alpha),
@@ -205,27 +262,36 @@ def run(cfg: Config) -> dict:
                         "result": int(m.result), "lr": float(m.lr), "grad_norm": float(m.grad_norm),
                         "step_time_s": (now - t_prev) / cfg.train.log_every}
                 t_prev = now
-                log.write(json.dumps(last) + "\n")
-                log.flush()
+                if primary:
+                    log.write(json.dumps(last) + "\n")
+                    log.flush()
                 show(done, f"loss {last['loss']:.4g} α {last['alpha']:.3f} it {last['newton_iterations']} "
                            f"{1.0 / max(last['step_time_s'], 1e-9):.1f} it/s")
-            if done % cfg.checkpoint.every == 0 or done == total or stop.requested:
+            if done % cfg.checkpoint.every == 0 or done == total or stop:
                 checkpoint.save(mngr, done, state, {"step": done, "params_sha256": checkpoint.params_sha256(state.params),
-                                                    "loss": last.get("loss"), "warm_rows": int(state.warm.shape[0])})
-            if stop.requested:
+                                                    "state_sha256": checkpoint.state_sha256(state),
+                                                    "loss": last.get("loss"), "warm_rows": int(state.warm.shape[0]),
+                                                    "devices": len(jax.devices()), "processes": jax.process_count()})
+            if stop:
                 stopped = True
                 break
     mngr.wait_until_finished()
     mngr.close()
     evaluation = None
-    if not stopped:
+    if not stopped and primary:
         plots.loss_figure(metrics_path, os.path.join(run_dir, "loss.png"))
-        if cfg.eval.at_end and (cfg.data.path is None or cfg.eval.data is not None):
-            from distdeer import eval as eval_mod
+    if not stopped and not multi and wants_eval(cfg):
+        from distdeer import eval as eval_mod
 
-            evaluation = eval_mod.evaluate(run_dir, cfg.eval.data)
+        evaluation = eval_mod.evaluate(run_dir, cfg.eval.data)
     return {"run_dir": run_dir, "step": int(state.step), "stopped": stopped,
             "params_sha256": checkpoint.params_sha256(state.params), "last": last, "eval": evaluation}
+
+
+def wants_eval(cfg: Config) -> bool:
+    """Evaluate at the end? (Generated data has a natural test series; a file needs ``eval.data``.)
+    Multi-process runs are evaluated by their launcher after the workers exit."""
+    return cfg.eval.at_end and (cfg.data.path is None or cfg.eval.data is not None)
 
 
 def inspect(run_dir: str) -> dict:

@@ -63,10 +63,11 @@ def gamma(cfg: Config) -> float:
     return math.exp(-cfg.gtf.every / (cfg.gtf.decay * cfg.train.steps))
 
 
-def init_state(model: Model, cfg: Config, series: jax.Array) -> TrainState:
-    """Fresh parameters (from ``seed``); the first Newton guess is the data's forcing states."""
+def init_state(model: Model, cfg: Config, series: jax.Array | None) -> TrainState:
+    """Fresh parameters (from ``seed``); the first Newton guess is the data's forcing states (a
+    placeholder row when ``series`` is None, to be filled by the caller)."""
     params = model.init(jax.random.PRNGKey(cfg.seed))
-    if cfg.train.seq_len is None:
+    if cfg.train.seq_len is None and series is not None:
         warm = model.forcing(params, jnp.asarray(series))[1:]
     else:
         warm = jnp.zeros((1, model.latent), jnp.float32)  # unused placeholder (Orbax stores no empty arrays)
@@ -83,11 +84,13 @@ def _jacobian_norm(model: Model, params, zt: jax.Array, kind: str, sample: int) 
     return reduce_norms(norms.reshape(z.shape[:-1]), kind)
 
 
-def make_train_step(model: Model, cfg: Config, mesh=None):
+def make_train_step(model: Model, cfg: Config, mesh=None, length: int | None = None):
     """Returns ``train_step(state, series) -> (state, StepMetrics)`` (to be jitted).
 
-    ``series``: standardised observations ``(T_total, N)``.  In window mode the windows are cut from it
-    inside the step, so that the step is a pure function of (state, series, seed)."""
+    ``series``: standardised observations ``(T_total, N)``, possibly padded at the end to a multiple of
+    the device count (``length`` = the true T_total; rows beyond it are ignored).  In window mode the
+    windows are cut from it inside the step, so that the step is a pure function of (state, series,
+    seed)."""
     opt = optimizer(cfg)
     lr = learning_rate(cfg)
     mask = model.forced_mask()
@@ -128,6 +131,8 @@ def make_train_step(model: Model, cfg: Config, mesh=None):
         return jnp.mean((pred - xw[:, 1:]) ** 2), sol, zt
 
     def loss_fn(params, alpha, series, warm, step):
+        if length is not None and series.shape[0] != length:
+            series = series[:length]
         if whole:
             mse, sol, zt = one_sequence(params, alpha, series, warm)
         else:

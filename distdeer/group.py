@@ -1,0 +1,276 @@
+"""Multi-host training under Ray: one JAX process per host, and a supervisor that restarts the group.
+
+Imported only by ``launch/train.py`` (``import distdeer`` never imports Ray).  Plain Ray actors and a
+supervisor loop, not Ray Train's ``JaxTrainer`` (docs/cluster.md says why): the same code path runs on
+a laptop's local Ray, on ``ray.cluster_utils.Cluster`` in the tests and on a GPU cluster.
+
+One attempt: a placement group of ``mesh.hosts`` bundles (``ray.placement``, STRICT_SPREAD on a real
+cluster: one process per node, owning that node's GPUs) → one ``HostWorker`` actor per bundle → rank
+0 names the coordinator (its node IP and a free port) → every rank calls ``jax.distributed.initialize``
+concurrently and then runs ``distdeer.train.loop.run`` — the same program as ``distdeer train``.
+
+Failure handling (a JAX process group cannot lose a member, DESIGN §4): any worker error, a dead actor
+or node, or a rank whose last step is older than ``ray.watchdog_s`` (``ray.startup_s`` before the
+attempt's first step) ends the attempt; every actor is killed, the placement group removed, and a new
+attempt starts fresh processes with a new coordinator port, which restore the latest complete
+checkpoint.  After ``ray.max_failures`` restarts the job fails with the cause.  Bad input (config,
+data, checkpoint) is never retried.  SIGTERM to the driver (``ray job stop``) asks every rank to stop at
+the same step boundary, which saves a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import signal
+import socket
+import threading
+import time
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from distdeer import config as config_mod
+from distdeer.config import Config
+
+POLL_S = 0.5
+
+
+class FatalError(RuntimeError):
+    """A worker failed on bad input (config, data, checkpoint): restarting cannot help."""
+
+
+@ray.remote(max_restarts=0, max_concurrency=4)
+class HostWorker:
+    """One JAX process of the group.  Threaded actor: ``progress``/``stop`` answer while ``train`` runs."""
+
+    def __init__(self, env: dict[str, str]):
+        os.environ.update(env)  # before JAX is imported in this fresh process
+        self.control = None
+
+    def where(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                "hostname": socket.gethostname(), "gpus": ray.get_gpu_ids()}
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def train(self, cfg_dict: dict, coordinator: str, hosts: int, rank: int, timeout_s: int) -> dict:
+        from distdeer import distributed
+        from distdeer.config import ConfigError
+        from distdeer.data.store import DataError
+        from distdeer.train import loop
+        from distdeer.train.checkpoint import CheckpointError
+
+        self.control = loop.Control()
+        distributed.initialize(coordinator, hosts, rank, timeout_s)
+        import jax
+
+        try:
+            summary = loop.run(config_mod.from_dict(Config, cfg_dict), self.control)
+        except (ConfigError, DataError, CheckpointError) as e:
+            raise FatalError(str(e)) from None
+        devices = len(jax.devices())
+        distributed.shutdown()
+        return {"step": summary["step"], "stopped": summary["stopped"], "params_sha256": summary["params_sha256"],
+                "last": summary["last"], "devices": devices}
+
+    def progress(self):
+        return self.control.progress() if self.control is not None else (None, None)
+
+    def stop(self) -> None:
+        if self.control is not None:
+            self.control.stop()
+
+
+@dataclasses.dataclass
+class Outcome:
+    ok: bool
+    cause: str = ""
+    fatal: bool = False
+    summary: dict | None = None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Supervisor:
+    """Runs attempts until the run finishes, is stopped, fails on bad input or spends its restart budget.
+
+    Writes into the run directory ``hosts.json`` (the current group: per rank its pid and node, the
+    coordinator, the attempt) and ``events.jsonl`` (start, failure with cause, first step of each
+    attempt, end — the restart-latency benchmark reads these)."""
+
+    def __init__(self, cfg: Config, log=print):
+        self.cfg = cfg
+        self.log = log
+        self.run_dir = cfg.run.dir
+        self.stop_requested = threading.Event()
+        self.failures: list[str] = []
+
+    # -- files ---------------------------------------------------------------------------------------
+    def _event(self, **fields) -> None:
+        with open(os.path.join(self.run_dir, "events.jsonl"), "a") as f:
+            f.write(json.dumps({"time": time.time(), "utc": _now(), **fields}) + "\n")
+
+    def _write_hosts(self, attempt: int, coordinator: str, where: list[dict]) -> None:
+        doc = {"attempt": attempt, "coordinator": coordinator, "updated": _now(), "failures": self.failures,
+               "hosts": [{"rank": r, **w} for r, w in enumerate(where)]}
+        tmp = os.path.join(self.run_dir, "hosts.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, os.path.join(self.run_dir, "hosts.json"))
+
+    # -- one attempt ---------------------------------------------------------------------------------
+    def _bundle(self) -> tuple[dict, dict]:
+        """(Ray resources per host, environment of the worker process)."""
+        k = self.cfg.mesh.devices_per_host
+        bundle = {"CPU": self.cfg.ray.cpus_per_host}
+        env = {"DISTDEER_COMPILATION_CACHE": os.environ.get("DISTDEER_COMPILATION_CACHE", "")} \
+            if "DISTDEER_COMPILATION_CACHE" in os.environ else {}
+        if ray.cluster_resources().get("GPU", 0) > 0:
+            bundle["GPU"] = k or 1  # one process owns all of its host's GPUs
+        else:  # CPU hosts: k simulated XLA devices per process
+            env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={k or 1}")
+        return bundle, env
+
+    def attempt(self, number: int) -> Outcome:
+        cfg, hosts = self.cfg, self.cfg.mesh.hosts
+        bundle, env = self._bundle()
+        pg = placement_group([dict(bundle) for _ in range(hosts)], strategy=cfg.ray.placement)
+        actors = []
+        try:
+            if not pg.wait(timeout_seconds=cfg.ray.startup_s):
+                return Outcome(False, f"could not place {hosts} hosts of {bundle} ({cfg.ray.placement}) within "
+                                      f"ray.startup_s={cfg.ray.startup_s:g} s")
+            for rank in range(hosts):
+                strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
+                actors.append(HostWorker.options(scheduling_strategy=strategy, num_cpus=bundle["CPU"],
+                                                 num_gpus=bundle.get("GPU", 0)).remote(env))
+            where = ray.get([a.where.remote() for a in actors], timeout=cfg.ray.startup_s)
+            port = ray.get(actors[0].free_port.remote(), timeout=60)
+            coordinator = f"{where[0]['node_ip']}:{port}"
+            self._write_hosts(number, coordinator, where)
+            self._event(event="group_started", attempt=number, coordinator=coordinator,
+                        pids=[w["pid"] for w in where])
+            cfg_dict = config_mod.to_dict(cfg)
+            refs = [a.train.remote(cfg_dict, coordinator, hosts, r, int(cfg.ray.startup_s))
+                    for r, a in enumerate(actors)]
+            return self._watch(number, actors, refs)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+            return Outcome(False, f"starting the group failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        finally:
+            for a in actors:
+                ray.kill(a, no_restart=True)
+            remove_placement_group(pg)
+
+    def _watch(self, number: int, actors: list, refs: list) -> Outcome:
+        cfg = self.cfg
+        started = time.monotonic()
+        last_beat: list[float | None] = [None] * len(actors)  # driver clock of each rank's latest step
+        first_step = None
+        pending: dict = {}
+        results: dict[int, dict] = {}
+        stop_sent = False
+        while True:
+            if self.stop_requested.is_set() and not stop_sent:
+                self.log("distdeer: stop requested: every rank checkpoints at the next step and exits")
+                for a in actors:
+                    a.stop.remote()
+                stop_sent = True
+            ready, _ = ray.wait([r for i, r in enumerate(refs) if i not in results], num_returns=1, timeout=POLL_S)
+            for ref in ready:
+                rank = refs.index(ref)
+                try:
+                    results[rank] = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.cause, FatalError):
+                        return Outcome(False, str(e.cause), fatal=True)
+                    return Outcome(False, f"rank {rank} failed: {_first_line(e)}")
+                except ray.exceptions.RayError as e:
+                    return Outcome(False, f"rank {rank} lost: {type(e).__name__}: {_first_line(e)}")
+            if len(results) == len(refs):
+                return Outcome(True, summary=results[0])
+            # Watchdog: ask every rank for its progress (a stopped or hung process does not answer).
+            now = time.monotonic()
+            for rank, a in enumerate(actors):
+                if rank not in pending:
+                    pending[rank] = a.progress.remote()
+            answered, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=0)
+            for rank, ref in list(pending.items()):
+                if ref in answered:
+                    del pending[rank]
+                    try:
+                        step, age = ray.get(ref)
+                    except ray.exceptions.RayError:
+                        continue  # the train ref reports the failure
+                    if step is not None:
+                        last_beat[rank] = now - age
+                        if first_step is None:
+                            first_step = step
+                            self._event(event="training", attempt=number, step=step)
+            for rank, beat in enumerate(last_beat):
+                if rank in results:
+                    continue
+                if beat is None and now - started > cfg.ray.startup_s:
+                    return Outcome(False, f"rank {rank} completed no step within ray.startup_s="
+                                          f"{cfg.ray.startup_s:g} s (watchdog)")
+                if beat is not None and now - beat > cfg.ray.watchdog_s:
+                    return Outcome(False, f"rank {rank} made no progress for {now - beat:.0f} s > "
+                                          f"ray.watchdog_s={cfg.ray.watchdog_s:g} s (hung collective or stalled "
+                                          "process; watchdog)")
+
+    # -- the job ------------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Exit code: 0 finished or stopped with a checkpoint; 1 restart budget spent; 2 bad input."""
+        cfg = self.cfg
+        self._event(event="job_started", hosts=cfg.mesh.hosts, devices_per_host=cfg.mesh.devices_per_host,
+                    max_failures=cfg.ray.max_failures)
+        number = 0
+        while True:
+            outcome = self.attempt(number)
+            if outcome.ok:
+                s = outcome.summary
+                self._event(event="stopped" if s["stopped"] else "finished", attempt=number, step=s["step"],
+                            params_sha256=s["params_sha256"])
+                state = "stopped (signal) at" if s["stopped"] else "finished at"
+                self.log(f"distdeer: {state} step {s['step']} on {cfg.mesh.hosts} hosts × {s['devices'] // cfg.mesh.hosts} "
+                         f"devices after {len(self.failures)} restart(s); params sha256 {s['params_sha256'][:16]}…")
+                return 0
+            if outcome.fatal:
+                self._event(event="failed", attempt=number, cause=outcome.cause, fatal=True)
+                self.log(f"distdeer: error: {outcome.cause}")
+                return 2
+            self.failures.append(outcome.cause)
+            self._event(event="failure", attempt=number, cause=outcome.cause)
+            if self.stop_requested.is_set():
+                self.log(f"distdeer: stopped while the group failed ({outcome.cause}); the latest complete "
+                         "checkpoint is kept")
+                return 1
+            if len(self.failures) > cfg.ray.max_failures:
+                self.log(f"distdeer: error: giving up after {len(self.failures)} failures "
+                         f"(ray.max_failures={cfg.ray.max_failures}); last cause: {outcome.cause}")
+                self._event(event="failed", attempt=number, cause=outcome.cause, fatal=False)
+                return 1
+            number += 1
+            self.log(f"distdeer: {outcome.cause} — restarting the group from the latest checkpoint "
+                     f"(restart {len(self.failures)} of at most {cfg.ray.max_failures})")
+
+    def install_signal_handlers(self) -> None:
+        def handle(signum, frame):
+            self.stop_requested.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(getattr(e, "cause", None) or e).strip().splitlines()
+    return (text[-1] if text else type(e).__name__)[:300]
