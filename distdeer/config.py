@@ -80,6 +80,7 @@ class TrainConfig:
 class CheckpointConfig:
     every: int = 200
     keep: int = 3
+    dir: str | None = None  # None: RUN_DIR/checkpoints; multi-host: a path every host sees (or gs://, s3://)
 
 
 @dataclasses.dataclass

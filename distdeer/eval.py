@@ -44,14 +44,14 @@ def load_run(run_dir: str):
     cfg = config_mod.load(path)
     with open(os.path.join(run_dir, "normalisation.json")) as f:
         norm = json.load(f)
-    mngr = checkpoint.manager(os.path.join(run_dir, "checkpoints"), cfg.checkpoint.keep)
+    mngr = checkpoint.manager(checkpoint.location(cfg), cfg.checkpoint.keep)
     step = mngr.latest_step()
     if step is None:
         raise EvalError(f"{run_dir} has no complete checkpoint to evaluate")
     model = Model.from_config(cfg.model, len(norm["mean"]))
     # The abstract target only needs shapes: a tiny series stands in for the data.
     target = init_state(model, cfg, jnp.zeros((2, len(norm["mean"])), jnp.float32))
-    rows = checkpoint.read_meta(os.path.join(run_dir, "checkpoints"), step).get("warm_rows", 1)
+    rows = checkpoint.read_meta(checkpoint.location(cfg), step).get("warm_rows", 1)
     target = target._replace(warm=jnp.zeros((rows, model.latent), jnp.float32))
     state, _ = checkpoint.restore(mngr, step, target)
     mngr.close()

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(args.config, overrides)
         # Workers run elsewhere (another cwd, another node): every path they use is made absolute.
         cfg.run.dir = os.path.abspath(cfg.run.dir)
-        for section, key in (("data", "path"), ("eval", "data")):
+        for section, key in (("data", "path"), ("eval", "data"), ("checkpoint", "dir")):
             value = getattr(getattr(cfg, section), key)
             if value is not None and "://" not in value:
                 setattr(getattr(cfg, section), key, os.path.abspath(value))

@@ -43,9 +43,18 @@ def state_sha256(state) -> str:
                           "step": state.step})
 
 
+def location(cfg) -> str:
+    """Where a run's checkpoints live: ``checkpoint.dir`` or ``RUN_DIR/checkpoints``."""
+    return cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
+
+
+def _path(directory: str) -> str:
+    return directory if "://" in directory else os.path.abspath(directory)  # gs://, s3:// go to Orbax as is
+
+
 def manager(directory: str, keep: int) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(_path(directory), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
@@ -66,5 +75,5 @@ def restore(mngr: ocp.CheckpointManager, step: int, target):
 
 
 def read_meta(directory: str, step: int) -> dict:
-    mngr = ocp.CheckpointManager(os.path.abspath(directory))
+    mngr = ocp.CheckpointManager(_path(directory))
     return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)

@@ -78,7 +78,7 @@ def check_run_dir(cfg: Config) -> bool:
     """True if the run directory holds a run to resume; refuses (ConfigError) a different config."""
     path = os.path.join(cfg.run.dir, "config.yaml")
     if not os.path.exists(path):
-        if os.path.isdir(os.path.join(cfg.run.dir, "checkpoints")):
+        if os.path.isdir(checkpoint.location(cfg)):
             raise ConfigError(f"{cfg.run.dir} holds checkpoints but no config.yaml; refusing to mix runs")
         return False
     a, b = _flat(_identity(config_mod.load(path))), _flat(_identity(cfg))
@@ -217,13 +217,13 @@ def run(cfg: Config, control: Control | None = None) -> dict:
     distributed.barrier("distdeer-run-dir")
     series = mesh_mod.series_array(source, mesh)
     state = initial_state(model, cfg, series, T, mesh)
-    mngr = checkpoint.manager(os.path.join(run_dir, "checkpoints"), cfg.checkpoint.keep)
+    mngr = checkpoint.manager(checkpoint.location(cfg), cfg.checkpoint.keep)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     latest = mngr.latest_step()
     if latest is not None:
         state, meta = checkpoint.restore(mngr, latest, state)
         if "state_sha256" in meta and checkpoint.state_sha256(state) != meta["state_sha256"]:
-            raise checkpoint.CheckpointError(f"checkpoint {latest} in {run_dir}/checkpoints restored to a state "
+            raise checkpoint.CheckpointError(f"checkpoint {latest} in {checkpoint.location(cfg)} restored to a state "
                                              "that differs from the one saved (state_sha256 mismatch)")
         if primary:
             _cut_metrics(metrics_path, latest)
@@ -242,7 +242,8 @@ def run(cfg: Config, control: Control | None = None) -> dict:
     total = cfg.train.steps
     bar, show = _progress(total, start, quiet=not primary)
     last = {}
-    t_prev = time.perf_counter()
+    t_prev = t_start = time.perf_counter()
+    save_s = 0.0
     stopped = False
     log = open(metrics_path, "a") if primary else contextlib.nullcontext()
     with _signals_stop(control), log, (bar if bar is not None else contextlib.nullcontext()):
@@ -260,7 +261,8 @@ def run(cfg: Config, control: Control | None = None) -> dict:
                         "alpha_estimate": float(m.alpha_estimate), "newton_iterations": int(m.newton_iterations),
                         "newton_residual": float(m.newton_residual), "converged": bool(m.converged),
                         "result": int(m.result), "lr": float(m.lr), "grad_norm": float(m.grad_norm),
-                        "step_time_s": (now - t_prev) / cfg.train.log_every}
+                        "step_time_s": (now - t_prev) / cfg.train.log_every, "checkpoint_s_total": save_s,
+                        "elapsed_s": now - t_start}
                 t_prev = now
                 if primary:
                     log.write(json.dumps(last) + "\n")
@@ -268,10 +270,12 @@ def run(cfg: Config, control: Control | None = None) -> dict:
                 show(done, f"loss {last['loss']:.4g} α {last['alpha']:.3f} it {last['newton_iterations']} "
                            f"{1.0 / max(last['step_time_s'], 1e-9):.1f} it/s")
             if done % cfg.checkpoint.every == 0 or done == total or stop:
+                t_save = time.perf_counter()
                 checkpoint.save(mngr, done, state, {"step": done, "params_sha256": checkpoint.params_sha256(state.params),
                                                     "state_sha256": checkpoint.state_sha256(state),
                                                     "loss": last.get("loss"), "warm_rows": int(state.warm.shape[0]),
                                                     "devices": len(jax.devices()), "processes": jax.process_count()})
+                save_s += time.perf_counter() - t_save  # the blocking part; Orbax writes in the background
             if stop:
                 stopped = True
                 break
@@ -300,7 +304,7 @@ def inspect(run_dir: str) -> dict:
     if not os.path.exists(cfg_path):
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = config_mod.load(cfg_path)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    ckpt_dir = checkpoint.location(cfg)
     step, meta = None, {}
     if os.path.isdir(ckpt_dir):
         mngr = checkpoint.manager(ckpt_dir, cfg.checkpoint.keep)
