@@ -3,7 +3,7 @@
     python launch/bench_faults.py [--steps 400] [--every 50] [--out docs/bench-raw/faults.json]
 
 Starts a local multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head without CPUs and three
-1-CPU nodes), then runs ``launch/train.py`` (2 hosts × 2 simulated CPU devices, a small model on a
+1-CPU nodes), then runs ``launch/train.py`` (2 hosts × 1 CPU device, a small model on a
 generated Lorenz-63 series) three times:
 
 1. uninterrupted — the checkpoint cost: blocking time of all saves / wall time of the training loop
@@ -83,7 +83,7 @@ eval: {{at_end: false}}
     def launch(name, *extra):
         run_dir = os.path.join(work, name)
         cmd = [sys.executable, os.path.join(HERE, "train.py"), cfg, f"run.dir={run_dir}", *extra,
-               "--hosts", "2", "--devices-per-host", "2"]
+               "--hosts", "2", "--devices-per-host", "1"]
         return run_dir, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def wait_step(run_dir, proc, step):
@@ -94,7 +94,7 @@ eval: {{at_end: false}}
 
     result = {"command": " ".join(["python", "launch/bench_faults.py"] + sys.argv[1:]),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "setup": "2 hosts x 2 CPU devices, "
+              "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "setup": "2 hosts x 1 CPU device, "
               "Lorenz-63 T=20001, clipped shPLRNN M=3 L=16, local Cluster of 3 one-CPU nodes"}
     try:
         for every in (args.every, 200):

@@ -112,6 +112,10 @@ def run(cfg: SolverBench) -> dict:
         if len(jax.devices()) < cfg.devices:
             raise ValueError(f"bench: {cfg.devices} devices requested, {len(jax.devices())} available")
         mesh = jax.make_mesh((cfg.devices,), ("time",), devices=jax.devices()[: cfg.devices])
+        if jax.process_count() > 1:  # every process built the same host arrays: make them global
+            from distdeer.mesh import replicate
+
+            params, z0, xs, init, targets, R = replicate((params, z0, xs, init, targets, R), mesh)
     opts = dict(jacobian=cfg.jacobian, mesh=mesh, init=init, throw=False, method=cfg.method,
                 max_iter=200)
 

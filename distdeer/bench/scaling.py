@@ -1,0 +1,150 @@
+"""One row of a scaling study: GTF-DEER on all devices of this process group, with a time breakdown.
+
+Run by ``launch/scaling.py`` in a fresh process (or in each of N ``jax.distributed`` processes) per
+device count.  The totals come from ``distdeer.bench.solver.run`` (forward, value+grad, Newton
+iterations, BPTT on one device).  The breakdown of one Newton iteration is measured piece by piece on
+the slice one device owns (``n = ⌈T/P⌉`` steps), each piece jitted and timed alone:
+
+* ``jacobian_s``: the step and its Jacobians at n states (``_steps`` + ``_jacobians``);
+* ``local_scan_s``: the local scan of n affine maps (``scan.local_pass`` + ``finish``);
+* ``cross_device_s``: the collectives of one iteration on the real mesh — halo ``ppermute`` of one
+  state, all-gather of the P slice summaries (M² + M values each), the ``pmax`` of the stop test —
+  timed as 200 iterations of a ``fori_loop`` / 200;
+* ``other_s`` = per-iteration time − the three (the residual evaluation, masks, loop overhead).
+
+``collective_bytes`` is read from the compiled DEER forward program (HLO): the summed result sizes of
+the solver's own collectives (all-gather of the slice summaries, halo ppermute, pmax of the stop
+tests) — what crosses devices per Newton iteration (they sit in the loop body, plus one final
+residual test).  It must not grow with T.  ``resharding_bytes``: the partitioner's collectives that
+lay the (replicated) inputs and outputs of the benchmark out over time — O(T), once per solve.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from distdeer import gtf
+from distdeer.bench import solver as solver_bench
+from distdeer.models import plrnn
+from distdeer.solver import newton, scan
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s(all-gather|collective-permute|all-reduce|all-to-all)"
+                    r"(?:-start)?\(", re.M)
+_SHAPE = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
+_BYTES = {"f32": 4, "f64": 8, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "s64": 8}
+# The solver's own collectives come from JAX primitives in its shard_map body (all_gather, ppermute,
+# pmax, ...: underscore names); the SPMD partitioner's resharding of inputs/outputs (once per solve,
+# O(T)) gets hyphenated names (all-gather, collective-permute, all-reduce).
+_PRIMITIVE = ("all_gather", "ppermute", "pmax", "pmin", "psum")
+
+
+def collective_bytes(hlo: str) -> tuple[int, int]:
+    """(bytes of the solver's own collectives, bytes of resharding collectives) in an HLO module:
+    the summed result sizes of its all-gather / collective-permute / all-reduce / all-to-all ops."""
+    own = reshard = 0
+    for name, result, _ in _INSTR.findall(hlo):
+        size = 0
+        for dtype, dims in _SHAPE.findall(result):
+            size += (int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1) * _BYTES.get(dtype, 4)
+        if name.startswith(_PRIMITIVE):
+            own += size
+        else:
+            reshard += size
+    return own, reshard
+
+
+def _best(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def breakdown(T: int, M: int, L: int, jacobian: str, repeats: int = 3) -> dict:
+    """Per-iteration pieces on one device's slice, and the collectives on the whole mesh."""
+    Pn = len(jax.devices())
+    n = -(-T // Pn)
+    diagonal = jacobian == "diagonal"
+    params = plrnn.init_shplrnn(jax.random.PRNGKey(0), M, L)
+    step = gtf.forced_step(plrnn.clipped_shplrnn, 0.2, None, latent=M, jac=plrnn.clipped_shplrnn_jac,
+                           jac_diag=plrnn.clipped_shplrnn_jac_diag)
+    dyn = newton.Dynamics(step, step.jac, step.jac_diag)
+    local = jax.local_devices()[0]
+    key = jax.random.PRNGKey(1)
+    zprev, xs = jax.device_put((jax.random.normal(key, (n, M)), jax.random.normal(key, (n, M))), local)
+    params = jax.device_put(params, local)
+
+    def jac_eval(p, z, x):
+        return newton._steps(dyn, p, z, x), newton._jacobians(dyn, diagonal, p, z, x)
+
+    jac_fn = jax.jit(jac_eval)
+    f, A = jac_fn(params, zprev, xs)
+
+    def local_scan(A, b):
+        summary, finish = scan.local_pass(A, b, diagonal=diagonal, method=scan.default_method())
+        return finish(summary.s)
+
+    out = {"slice_steps": n, "jacobian_s": _best(jac_fn, (params, zprev, xs), repeats),
+           "local_scan_s": _best(jax.jit(local_scan), (A, f), repeats), "cross_device_s": 0.0}
+    if Pn > 1:
+        mesh = jax.make_mesh((Pn,), ("time",))
+        reps = 200
+        summary_S = jnp.zeros((Pn, M) if diagonal else (Pn, M, M), jnp.float32)
+        summary_s = jnp.zeros((Pn, M), jnp.float32)
+
+        def per_device(S, s):
+            def body(_, c):
+                S_, s_ = c
+                halo = jax.lax.ppermute(s_[0], "time", [(i, (i + 1) % Pn) for i in range(Pn)])
+                S_all = jax.lax.all_gather(S_[0], "time")
+                s_all = jax.lax.all_gather(s_[0], "time")
+                stop = jax.lax.pmax(jnp.max(halo), "time")
+                return (S_ + 1e-9 * jnp.sum(S_all) * stop, s_ + 1e-9 * jnp.sum(s_all))
+            return jax.lax.fori_loop(0, reps, body, (S, s))
+
+        fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("time"), P("time")),
+                                   out_specs=(P("time"), P("time"))))
+        args = jax.device_put((summary_S, summary_s), jax.sharding.NamedSharding(mesh, P("time")))
+        out["cross_device_s"] = _best(fn, args, repeats) / reps
+    return out
+
+
+def measure(T: int, M: int, L: int, jacobian: str = "dense", repeats: int = 3, baseline: bool = True) -> dict:
+    """A full row: totals, breakdown, collective bytes, peak memory of this process."""
+    Pn = len(jax.devices())
+    res = solver_bench.run(solver_bench.SolverBench(T=T, latent=M, hidden=L, devices=Pn, jacobian=jacobian,
+                                                    repeats=repeats, skip_sequential=not baseline))
+    row = {"devices": Pn, "processes": jax.process_count(), "T": T, "M": M, "L": L, "jacobian": jacobian,
+           "newton_iterations": res["newton_iterations"], "per_iteration_s": res["per_iteration_s"],
+           "forward_s": res["deer_forward_s"], "value_grad_s": res["deer_value_grad_s"],
+           "value_grad_warm_s": res["deer_value_grad_warm_s"],
+           "bptt_value_grad_s": res.get("bptt_value_grad_s"), "converged": res["converged"]}
+    row.update(breakdown(T, M, L, jacobian, repeats))
+    row["other_s"] = row["per_iteration_s"] - row["jacobian_s"] - row["local_scan_s"] - row["cross_device_s"]
+    row["collective_bytes"], row["resharding_bytes"] = _forward_collective_bytes(T, M, L, jacobian, Pn)
+    row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return row
+
+
+def _forward_collective_bytes(T: int, M: int, L: int, jacobian: str, Pn: int) -> tuple[int, int]:
+    if Pn == 1:
+        return 0, 0
+    from distdeer.solver import deer
+
+    mesh = jax.make_mesh((Pn,), ("time",))
+    step = gtf.forced_step(plrnn.clipped_shplrnn, 0.2, None, latent=M, jac=plrnn.clipped_shplrnn_jac,
+                           jac_diag=plrnn.clipped_shplrnn_jac_diag)
+    params = jax.eval_shape(lambda: plrnn.init_shplrnn(jax.random.PRNGKey(0), M, L))
+    S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    fn = jax.jit(lambda p, z0, xs: deer(step, p, z0, xs, mesh=mesh, jacobian=jacobian, throw=False).states)
+    return collective_bytes(fn.lower(params, S(M), S(T, M)).compile().as_text())
