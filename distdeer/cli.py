@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated sequence lengths")
     g.add_argument("--alpha", type=float, default=0.1)
     g.add_argument("--max-iter", type=_positive("--max-iter"), default=50)
+    g.add_argument("--run", metavar="RUN_DIR", help="a trained model (a run on a generated system) instead of the "
+                   "Euler map; GTF uses the adaptive estimate of α on the data")
     g.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
     return parser
 
@@ -172,7 +174,12 @@ def _bench_gtf(args) -> int:
 
     from distdeer.bench import chaos
 
-    rows = chaos.run(args.T, alpha=args.alpha, max_iter=args.max_iter)
+    if args.run is not None:
+        if not os.path.isdir(args.run):
+            raise UsageError(f"--run {args.run}: not a directory")
+        rows = chaos.run_trained(args.run, args.T, max_iter=args.max_iter)
+    else:
+        rows = chaos.run(args.T, alpha=args.alpha, max_iter=args.max_iter)
     print(chaos.report(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -29,22 +29,62 @@ def noisy_lorenz(T: int, noise: float = 0.05, seed: int = 0) -> jax.Array:
     return x + noise * x.std(0) * jax.random.normal(jax.random.PRNGKey(seed + 100), x.shape)
 
 
+def _compare(solve_for, alphas, z0, init, T: int, max_iter: int) -> dict:
+    """Iterations, convergence, residual and time of ``solve_for(α)(guess)`` for each (label, α), from
+    the default guess (z0 repeated) and from the data."""
+    row = {"T": T, "max_iter": max_iter}
+    for label, a in alphas:
+        solve = solve_for(a)
+        row[f"{label}_alpha"] = float(a)
+        for guess, i in (("default", jnp.broadcast_to(z0, init.shape)), ("data", init)):
+            jax.block_until_ready(solve(i))
+            t0 = time.perf_counter()
+            sol = jax.block_until_ready(solve(i))
+            row[f"{label}_{guess}"] = {"iterations": int(sol.iterations), "converged": bool(sol.converged),
+                                       "residual": float(sol.residual), "seconds": time.perf_counter() - t0}
+    return row
+
+
 def run(lengths, alpha: float = 0.1, max_iter: int = 50, seed: int = 0) -> list[dict]:
     rows = []
     for T in lengths:
         data = noisy_lorenz(T, seed=seed)
         z0, xs, init = data[0], data[:-1], data[1:]
         solve = jax.jit(lambda p, i: deer(euler_lorenz, p, z0, xs, init=i, max_iter=max_iter, throw=False))
-        row = {"T": T, "alpha": alpha, "max_iter": max_iter}
-        for label, a in (("gtf", alpha), ("plain", 0.0)):
+
+        def solve_for(a):
             p = {"alpha": jnp.float32(a), "dt": jnp.float32(0.01)}
-            for guess, i in (("default", jnp.broadcast_to(z0, init.shape)), ("data", init)):
-                jax.block_until_ready(solve(p, i))
-                t0 = time.perf_counter()
-                sol = jax.block_until_ready(solve(p, i))
-                row[f"{label}_{guess}"] = {"iterations": int(sol.iterations), "converged": bool(sol.converged),
-                                           "residual": float(sol.residual), "seconds": time.perf_counter() - t0}
-        rows.append(row)
+            return lambda i: solve(p, i)
+
+        rows.append({**_compare(solve_for, (("gtf", alpha), ("plain", 0.0)), z0, init, T, max_iter), "alpha": alpha})
+    return rows
+
+
+def run_trained(run_dir: str, lengths, max_iter: int = 100) -> list[dict]:
+    """The same comparison for a trained model of a generated system (its ``distdeer train`` run):
+    GTF-DEER with the adaptive estimate α = max(0, 1 − 1/𝒩) on the data vs plain DEER (α = 0), forced
+    by fresh data of the run's system (standardised with the run's normalisation)."""
+    from distdeer.eval import load_run
+    from distdeer.gtf import ForcedStep, alpha_from_norm, jacobian_norm
+
+    cfg, model, params, norm, _ = load_run(run_dir)
+    if cfg.data.path is not None:
+        raise ValueError(f"{run_dir}: bench gtf --run needs a run on a generated system (data.path is null)")
+    raw = systems.generate(cfg.data.system, max(lengths) + 1, cfg.data.dt, cfg.data.noise, cfg.data.seed + 7)
+    series = (raw - jnp.asarray(norm["mean"], raw.dtype)) / jnp.asarray(norm["std"], raw.dtype)
+    rows = []
+    for T in lengths:
+        x = series[: T + 1]
+        zhat = model.forcing(params, x)
+        z0, xs, init = model.initial_state(params, x[0]), zhat[:-1], zhat[1:]
+        estimate = float(alpha_from_norm(jacobian_norm(model.jac, params["F"], xs[:: max(1, T // 10_000)])))
+
+        def solve_for(a):
+            step = ForcedStep(model.F, jnp.float32(a), model.forced_mask(), model.jac, model.jac_diag)
+            return jax.jit(lambda i: deer(step, params["F"], z0, xs, init=i, max_iter=max_iter, throw=False))
+
+        rows.append({**_compare(solve_for, (("gtf", estimate), ("plain", 0.0)), z0, init, T, max_iter),
+                     "alpha": estimate, "run": run_dir})
     return rows
 
 

@@ -128,7 +128,8 @@ def measure(T: int, M: int, L: int, jacobian: str = "dense", repeats: int = 3, b
            "newton_iterations": res["newton_iterations"], "per_iteration_s": res["per_iteration_s"],
            "forward_s": res["deer_forward_s"], "value_grad_s": res["deer_value_grad_s"],
            "value_grad_warm_s": res["deer_value_grad_warm_s"],
-           "bptt_value_grad_s": res.get("bptt_value_grad_s"), "converged": res["converged"]}
+           "bptt_value_grad_s": res.get("bptt_value_grad_s"), "converged": res["converged"],
+           "loss": res["deer_loss"], "newton_iterations_warm": res["newton_iterations_warm"]}
     row.update(breakdown(T, M, L, jacobian, repeats))
     row["other_s"] = row["per_iteration_s"] - row["jacobian_s"] - row["local_scan_s"] - row["cross_device_s"]
     row["collective_bytes"], row["resharding_bytes"] = _forward_collective_bytes(T, M, L, jacobian, Pn)
@@ -148,3 +149,59 @@ def _forward_collective_bytes(T: int, M: int, L: int, jacobian: str, Pn: int) ->
     S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     fn = jax.jit(lambda p, z0, xs: deer(step, p, z0, xs, mesh=mesh, jacobian=jacobian, throw=False).states)
     return collective_bytes(fn.lower(params, S(M), S(T, M)).compile().as_text())
+
+
+def scan_bandwidth(T: int, M: int, method: str | None = None, repeats: int = 3) -> dict:
+    """Achieved memory bandwidth of the local affine scan on one device: time of ``local_pass`` +
+    ``finish`` over T dense maps, against the least traffic it must move (read T (M² + M) inputs, write
+    T M states, float32) — a lower bound on the bytes, so the bandwidth is a lower bound too."""
+    method = method or scan.default_method()
+    key = jax.random.PRNGKey(0)
+    A = 0.5 * jax.random.normal(key, (T, M, M), jnp.float32) / np.sqrt(M)
+    b = jax.random.normal(key, (T, M), jnp.float32)
+
+    def run(A, b):
+        summary, finish = scan.local_pass(A, b, diagonal=False, method=method)
+        return finish(jnp.zeros((M,), b.dtype))
+
+    t = _best(jax.jit(run), (A, b), repeats)
+    moved = 4 * T * (M * M + M + M)
+    return {"T": T, "M": M, "method": method, "seconds": t, "bytes_min": moved, "GB_per_s": moved / t / 1e9,
+            "device_kind": jax.devices()[0].device_kind}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m distdeer.bench.scaling --T … --latent M --hidden L --out ROW.json`` — one row; with
+    ``--coordinator HOST:PORT --hosts N --rank R`` one process of an N-process group (rank 0 writes)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m distdeer.bench.scaling")
+    ap.add_argument("--T", type=int, required=True)
+    ap.add_argument("--latent", type=int, default=3)
+    ap.add_argument("--hidden", type=int, default=50)
+    ap.add_argument("--jacobian", default="dense", choices=("dense", "diagonal"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--coordinator")
+    ap.add_argument("--hosts", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    if a.hosts > 1:
+        from distdeer import distributed
+
+        distributed.initialize(a.coordinator, a.hosts, a.rank)
+    row = measure(a.T, a.latent, a.hidden, a.jacobian, a.repeats, baseline=not a.no_baseline and a.hosts == 1)
+    if jax.process_index() == 0:
+        with open(a.out, "w") as f:
+            json.dump(row, f, indent=1, default=float)
+    if a.hosts > 1:
+        from distdeer import distributed
+
+        distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""launch/scaling.py at tiny sizes: 1, 2, 4 simulated devices in one process and 2 real processes;
+well-formed outputs, collectives independent of T, breakdown consistent with the measured total."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "launch", "scaling.py")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scaling") / "study"
+    proc = subprocess.run([sys.executable, SCRIPT, "--devices", "1,2,4", "--hosts", "1,2", "--T", "257,1025",
+                           "--latent", "3", "--hidden", "8", "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return out
+
+
+def test_outputs_well_formed(study):
+    rows = json.loads((study / "scaling.json").read_text())["rows"]
+    points = {(r["processes"], r["devices"], r["T"]) for r in rows}
+    assert points == {(1, d, T) for d in (1, 2, 4) for T in (257, 1025)} | {(2, d, T) for d in (2, 4) for T in (257, 1025)}
+    with open(study / "scaling.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows)
+    for col in ("devices", "processes", "T", "M", "L", "jacobian", "newton_iterations", "per_iteration_s",
+                "forward_s", "value_grad_s", "local_scan_s", "cross_device_s", "collective_bytes",
+                "peak_rss_bytes", "bptt_value_grad_s"):
+        assert col in table[0] and all(row[col] != "" for row in table), col
+    for r in rows:
+        assert r["converged"] and r["newton_iterations"] >= 1
+        for key in ("per_iteration_s", "forward_s", "value_grad_s", "jacobian_s", "local_scan_s", "bptt_value_grad_s"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["peak_rss_bytes"] > 0
+    assert (study / "scaling.png").stat().st_size > 10_000
+
+
+def test_collectives_independent_of_T_and_breakdown_sums(study):
+    rows = json.loads((study / "scaling.json").read_text())["rows"]
+    for r in rows:
+        same = [q["collective_bytes"] for q in rows if q["devices"] == r["devices"]]
+        assert len(set(same)) == 1, same  # bytes per iteration do not depend on T (nor on processes)
+        assert (r["collective_bytes"] == 0) == (r["devices"] == 1)
+        assert (r["cross_device_s"] == 0) == (r["devices"] == 1)
+        parts = r["jacobian_s"] + r["local_scan_s"] + r["cross_device_s"]
+        # Pieces are timed alone (no overlap, their own dispatch), so only a loose bound is meaningful.
+        assert parts <= 3 * r["per_iteration_s"] + 0.01, r
+        assert abs(parts + r["other_s"] - r["per_iteration_s"]) < 1e-9
+    # Same problem, same answer: the loss does not depend on the layout.
+    for T in (257, 1025):
+        losses = [r["loss"] for r in rows if r["T"] == T]
+        assert max(losses) - min(losses) <= 1e-4 * abs(losses[0]) + 1e-6, losses
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--devices", "3", "--hosts", "2", "--T", "100"], "multiple of hosts"),
+    (["--devices", "1", "--T", "x"], "integers"),
+])
+def test_bad_arguments_exit_2(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, SCRIPT, *args, "--out", str(tmp_path / "o")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "o").exists()
