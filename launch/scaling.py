@@ -99,8 +99,8 @@ def write_outputs(rows: list[dict], out_dir: str, meta: dict) -> None:
         projection = [costmodel.project(model, T, P) for T in (10**6, 10**7, 10**8)
                       for P in (8, 64, 256, 1024)]
         with open(os.path.join(out_dir, "costmodel.json"), "w") as f:
-            json.dump({"note": "PROJECTION from constants fitted on this machine (distdeer/bench/costmodel.py "
-                               "states the assumptions); nothing at these scales was measured",
+            json.dump({"note": "PROJECTION from constants fitted to the measured rows (assumptions: "
+                               "distdeer/bench/costmodel.py); nothing at these scales was measured",
                        "model": model, "projection": projection}, f, indent=1)
 
 

@@ -21,6 +21,7 @@ lay the (replicated) inputs and outputs of the benchmark out over time — O(T),
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import time
@@ -134,6 +135,9 @@ def measure(T: int, M: int, L: int, jacobian: str = "dense", repeats: int = 3, b
     row["other_s"] = row["per_iteration_s"] - row["jacobian_s"] - row["local_scan_s"] - row["cross_device_s"]
     row["collective_bytes"], row["resharding_bytes"] = _forward_collective_bytes(T, M, L, jacobian, Pn)
     row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row["backend"] = jax.default_backend()
+    # The cores this run's devices share (simulated CPU devices are not extra hardware).
+    row["cores"] = len(os.sched_getaffinity(0)) * jax.process_count() if row["backend"] == "cpu" else None
     return row
 
 
