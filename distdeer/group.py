@@ -133,8 +133,7 @@ class Supervisor:
         """(Ray resources per host, environment of the worker process)."""
         k = self.cfg.mesh.devices_per_host
         bundle = {"CPU": self.cfg.ray.cpus_per_host}
-        env = {"DISTDEER_COMPILATION_CACHE": os.environ.get("DISTDEER_COMPILATION_CACHE", "")} \
-            if "DISTDEER_COMPILATION_CACHE" in os.environ else {}
+        env = {k: os.environ[k] for k in ("DISTDEER_COMPILATION_CACHE",) if k in os.environ}
         if ray.cluster_resources().get("GPU", 0) > 0:
             bundle["GPU"] = k or 1  # one process owns all of its host's GPUs
         else:  # CPU hosts: k simulated XLA devices per process

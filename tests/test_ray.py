@@ -11,13 +11,14 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+
+from test_multiprocess import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "train.py")
@@ -31,12 +32,6 @@ checkpoint: {{every: 5, keep: 2}}
 ray: {{max_failures: 2, watchdog_s: 6, startup_s: 180}}
 eval: {{at_end: false}}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +49,7 @@ def cluster(tmp_path_factory):
     Config.initialize("")  # re-read RAY_AUTH_MODE if ray was imported earlier (what ray.init does itself)
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": _free_port()})
+        "dashboard_port": free_port()})
     for _ in range(3):
         c.add_node(num_cpus=1)
     c.wait_for_nodes()

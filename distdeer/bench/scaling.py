@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import re
 import resource
-import time
 
 import jax
 import jax.numpy as jnp
@@ -62,13 +61,7 @@ def collective_bytes(hlo: str) -> tuple[int, int]:
 
 
 def _best(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return solver_bench._time(fn, args, repeats)[0]
 
 
 def breakdown(T: int, M: int, L: int, jacobian: str, repeats: int = 3) -> dict:
