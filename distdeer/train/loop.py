@@ -5,7 +5,9 @@ Run directory::
     config.yaml         the resolved configuration (the run's identity)
     normalisation.json  mean/std of the data (results in data units)
     metrics.jsonl       one JSON object per logged step
-    checkpoints/        Orbax checkpoints (state + metadata with params_sha256)
+    checkpoints/        Orbax checkpoints (state + metadata with params_sha256 and state_sha256);
+                        elsewhere if checkpoint.dir is set
+    hosts.json, events.jsonl   the current process group and its history (launch/train.py runs)
     loss.png            loss and α over training (written at the end)
     eval.json, generated.npy, attractor.png, spectrum.png, timeseries.png   evaluation at the end
 
