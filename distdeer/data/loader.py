@@ -3,7 +3,7 @@
 ``open_source(cfg)`` learns the shape ``(T, N)`` and the normalisation without reading the series when
 it is a zarr array (the shape and the mean/std are metadata), so a launcher can check a run before
 any worker starts.  ``rows(start, stop)`` reads only the chunks that cover the range: in a
-multi-process run each process asks for its own time slice (``distdeer.mesh.time_sharded_series``).
+multi-process run each process asks for its own time slice (``distdeer.mesh.series_array``).
 Files that must be standardised here (``.npy``/``.csv``) and generated systems are held in memory —
 their statistics need the whole series anyway.
 """
@@ -53,7 +53,7 @@ def open_source(cfg: Config) -> Source:
     if len(arr.shape) != 2 or arr.shape[0] < 2:
         raise store.DataError(f"{path}: expected a 2-D array (time, dimension) of at least 2 steps, "
                               f"got shape {tuple(arr.shape)}")
-    attrs = dict(arr.spec().to_json().get("metadata", {}).get("attributes", {}))
+    attrs = store.attributes(arr)
 
     def rows(a: int, b: int) -> np.ndarray:
         x = np.asarray(arr[a:b].read().result(), np.float32)

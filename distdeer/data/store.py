@@ -70,11 +70,15 @@ def open_series(path: str):
         raise DataError(f"{path}: not a readable zarr3 array ({str(e).splitlines()[0][:120]})") from None
 
 
+def attributes(arr) -> dict:
+    """The user attributes (mean, std, …) of an open series."""
+    return dict(arr.spec().to_json().get("metadata", {}).get("attributes", {}))
+
+
 def read(path: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, dict]:
     """Rows ``start:stop`` of a stored series (reads only those chunks) and its attributes."""
     arr = open_series(path)
-    attrs = dict(arr.spec().to_json().get("metadata", {}).get("attributes", {}))
-    return np.asarray(arr[start:stop].read().result()), attrs
+    return np.asarray(arr[start:stop].read().result()), attributes(arr)
 
 
 def load(path: str) -> tuple[np.ndarray, dict]:
