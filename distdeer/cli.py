@@ -2,7 +2,7 @@
 
     distdeer train CONFIG.yaml [dotted.key=value ...]
     distdeer eval RUN_DIR [RUN_DIR ...] [--data TEST] [--summary PATH]
-    distdeer sweep CONFIG.yaml [overrides] --seeds 0,1,2
+    distdeer sweep CONFIG.yaml [overrides] --seeds 0,1,2 [--parallel N]
     distdeer inspect RUN_DIR
     distdeer data generate SYSTEM --steps N [--dt] [--noise] [--dim] [--seed] --out PATH.zarr
     distdeer data import FILE.npy|FILE.csv --out PATH.zarr
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("config")
     sw.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     sw.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
+    sw.add_argument("--parallel", type=_positive("--parallel"), default=1,
+                    help="seeds trained at once, each in its own process pinned to its share of the CPUs")
     i = commands.add_parser("inspect", help="print a run directory's state as JSON")
     i.add_argument("run_dir")
     d = commands.add_parser("data", help="generate or import trajectories (tensorstore zarr3)")
@@ -258,36 +260,13 @@ def _eval(args) -> int:
 
 
 def _sweep(args) -> int:
-    """Seeds run one after another (each resumable: rerun the sweep after an interruption); the
-    summary of their evaluations goes to ``<run.dir>-summary.json``."""
-    import json
-
-    from distdeer import config
     from distdeer import eval as eval_mod
-    from distdeer.train import loop
+    from distdeer import sweep
 
     try:
-        base = config.load(args.config, args.overrides)
-        runs = [config.load(args.config, [*args.overrides, f"seed={k}", f"run.dir={base.run.dir}-seed{k}"])
-                for k in args.seeds]
-        for cfg in runs:  # validate every run before starting any
-            loop.prepare(cfg)
-        results = []
-        for cfg in runs:
-            summary = loop.run(cfg)
-            if summary["stopped"]:
-                print(f"distdeer: sweep stopped during {cfg.run.dir}; rerun to resume")
-                return 0
-            results.append(summary["eval"] or eval_mod.evaluate(cfg.run.dir, cfg.eval.data))
-    except (*_user_errors(), eval_mod.EvalError) as e:
+        return sweep.sweep(args.config, args.overrides, args.seeds, args.parallel)
+    except (*_user_errors(), eval_mod.EvalError, sweep.SweepError) as e:
         raise UsageError(str(e)) from None
-    out = f"{base.run.dir}-summary.json"
-    summary = eval_mod.summarise(results)
-    with open(out, "w") as f:
-        json.dump(summary, f, indent=2)
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
-    print(f"distdeer: sweep summary written to {out}")
-    return 0
 
 
 def _inspect(args) -> int:

@@ -257,3 +257,46 @@ def test_sweep_over_seeds_writes_a_summary(tmp_path):
     for key in ("D_stsp", "D_H", "PE"):
         assert summary[key]["n"] == 2 and "median" in summary[key] and "mad" in summary[key]
     assert inspect(tmp_path / "sw-seed4")["params_sha256"] != inspect(tmp_path / "sw-seed5")["params_sha256"]
+
+    # the same seeds two at a time, each in its own pinned process: the same training, the same summary
+    par = write_config(tmp_path, tmp_path / "par", train__steps=12, data__steps=800)
+    proc = cli("sweep", par, "--seeds", "4,5", "--parallel", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cpus = sorted(os.sched_getaffinity(0))
+    assert f"seed 4 started on CPUs {cpus[:max(1, len(cpus) // 2)]}" in proc.stdout
+    assert "[seed 5] step 12/12" in proc.stdout
+    parallel = json.loads((tmp_path / "par-summary.json").read_text())
+    assert parallel["runs"] == [str(tmp_path / "par-seed4"), str(tmp_path / "par-seed5")]
+    for k in (4, 5):
+        seq, par_run = metrics(tmp_path / f"sw-seed{k}"), metrics(tmp_path / f"par-seed{k}")
+        assert [m["step"] for m in seq] == [m["step"] for m in par_run]
+        np.testing.assert_allclose([m["loss"] for m in par_run], [m["loss"] for m in seq], rtol=1e-5)
+    for key in ("D_stsp", "D_H", "PE"):
+        np.testing.assert_allclose(parallel[key]["values"], summary[key]["values"], rtol=1e-3)
+    too_many = cli("sweep", par, "--seeds", ",".join(map(str, range(len(cpus) + 1))),
+                   "--parallel", str(len(cpus) + 1))
+    assert too_many.returncode == 2 and "exceeds" in too_many.stderr and too_many.stderr.count("\n") == 1
+
+
+def test_parallel_sweep_stops_every_seed_on_sigterm_and_resumes(tmp_path):
+    cfg = write_config(tmp_path, tmp_path / "st", train__steps=1500, data__steps=800, checkpoint__every=500)
+    proc = subprocess.Popen([sys.executable, "-m", "distdeer.cli", "sweep", cfg, "--seeds", "1,2", "--parallel", "2"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = [tmp_path / "st-seed1", tmp_path / "st-seed2"]
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if all((r / "metrics.jsonl").exists() and len(metrics(r)) >= 5 for r in runs):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the sweep finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "sweep stopped" in out and not (tmp_path / "st-summary.json").exists()
+    for r in runs:
+        step = inspect(r)["step"]
+        assert step is not None and 5 <= step < 1500  # each seed checkpointed where it stopped
+    again = cli("sweep", cfg, "--seeds", "1,2", "--parallel", "2")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert [inspect(r)["step"] for r in runs] == [1500, 1500]
+    assert json.loads((tmp_path / "st-summary.json").read_text())["D_H"]["n"] == 2

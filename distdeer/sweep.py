@@ -1,0 +1,145 @@
+"""Seed sweeps: train one config for several seeds, then summarise each measure as median ± MAD.
+
+Run k trains ``CONFIG seed=k run.dir=<run.dir>-seed<k>``; the summary of their evaluations goes to
+``<run.dir>-summary.json``.  Every run is resumable, so rerunning an interrupted sweep finishes it.
+
+``parallel=1`` trains the seeds one after another in this process.  ``parallel=N`` trains N at a time as
+separate ``distdeer train`` processes, each pinned to its own contiguous share of this process's CPUs:
+unpinned, the runs' XLA thread pools contend for every core, while a pinned run sizes its pool to its
+share (XLA counts the schedulable CPUs).  Measured gain: docs/results.md ("Seeds in parallel").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from distdeer import config
+from distdeer import eval as eval_mod
+from distdeer.train import loop
+
+
+class SweepError(ValueError):
+    """Bad sweep arguments (reported in one line, exit 2)."""
+
+
+def plan(config_path: str, overrides: list[str], seeds: list[int]):
+    """(base config, one config per seed); every run is validated before any starts."""
+    base = config.load(config_path, overrides)
+    runs = [config.load(config_path, [*overrides, f"seed={k}", f"run.dir={base.run.dir}-seed{k}"]) for k in seeds]
+    for cfg in runs:
+        loop.prepare(cfg)
+    return base, runs
+
+
+def cpu_shares(n: int) -> list[list[int]]:
+    """This process's CPUs split into ``n`` contiguous, disjoint, near-equal shares."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if n > len(cpus):
+        raise SweepError(f"--parallel {n} exceeds the {len(cpus)} CPUs this process may use")
+    size, extra = divmod(len(cpus), n)
+    shares, start = [], 0
+    for i in range(n):
+        stop = start + size + (i < extra)
+        shares.append(cpus[start:stop])
+        start = stop
+    return shares
+
+
+def _evaluation(cfg) -> dict | None:
+    """The finished run's evaluation: its eval.json when written at the final step, else computed now;
+    None when the run did not reach its last step (stopped)."""
+    step = loop.inspect(cfg.run.dir)["step"]
+    if step != cfg.train.steps:
+        return None
+    path = os.path.join(cfg.run.dir, "eval.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            res = json.load(f)
+        if res.get("step") == step:
+            return res
+    return eval_mod.evaluate(cfg.run.dir, cfg.eval.data)
+
+
+def _relay(proc: subprocess.Popen, prefix: str) -> None:
+    for line in proc.stdout:
+        sys.stdout.write(prefix + line)
+        sys.stdout.flush()
+
+
+def train_parallel(config_path: str, overrides: list[str], runs, parallel: int) -> tuple[bool, list[str]]:
+    """Train ``runs`` as pinned child processes, ``parallel`` at a time, output prefixed ``[seed k]``.
+
+    SIGTERM/SIGINT are forwarded to the running children (each checkpoints and stops); no new run
+    starts after one.  Returns (stopped, failures)."""
+    free = cpu_shares(parallel)
+    pending = list(runs)
+    running: dict[subprocess.Popen, tuple] = {}
+    failures: list[str] = []
+    stopped = threading.Event()
+
+    def forward(signum, frame):
+        stopped.set()
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while running or (pending and not stopped.is_set()):
+            while pending and free and not stopped.is_set():
+                cfg, cpus = pending.pop(0), free.pop(0)
+                cmd = [sys.executable, "-m", "distdeer.cli", "train", config_path, *overrides,
+                       f"seed={cfg.seed}", f"run.dir={cfg.run.dir}"]
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        preexec_fn=lambda c=cpus: os.sched_setaffinity(0, c))
+                relay = threading.Thread(target=_relay, args=(proc, f"[seed {cfg.seed}] "), daemon=True)
+                relay.start()
+                running[proc] = (cfg, cpus, relay)
+                print(f"distdeer: sweep: seed {cfg.seed} started on CPUs {cpus} (pid {proc.pid})", flush=True)
+            for proc in [p for p in running if p.poll() is not None]:
+                cfg, cpus, relay = running.pop(proc)
+                relay.join()
+                free.append(cpus)
+                if proc.returncode != 0:
+                    failures.append(f"seed {cfg.seed} ({cfg.run.dir}) exited with code {proc.returncode}")
+            time.sleep(0.2)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return stopped.is_set() or bool(pending), failures
+
+
+def sweep(config_path: str, overrides: list[str], seeds: list[int], parallel: int = 1) -> int:
+    """Train every seed, write the summary, print it; exit code 0, or 1 when a seed failed."""
+    if parallel < 1:
+        raise SweepError("--parallel must be >= 1")
+    base, runs = plan(config_path, overrides, seeds)
+    if parallel == 1:
+        for cfg in runs:
+            if loop.run(cfg)["stopped"]:
+                print(f"distdeer: sweep stopped during {cfg.run.dir}; rerun to resume")
+                return 0
+    else:
+        stopped, failures = train_parallel(config_path, overrides, runs, min(parallel, len(runs)))
+        if failures:
+            print("distdeer: sweep: " + "; ".join(failures), file=sys.stderr)
+            return 1
+        if stopped:
+            print("distdeer: sweep stopped; rerun to resume")
+            return 0
+    results = [_evaluation(cfg) for cfg in runs]
+    if any(r is None for r in results):
+        print("distdeer: sweep stopped before every run finished; rerun to resume")
+        return 0
+    out = f"{base.run.dir}-summary.json"
+    summary = eval_mod.summarise(results)
+    with open(out, "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
+    print(f"distdeer: sweep summary written to {out}")
+    return 0
