@@ -189,6 +189,20 @@ def test_other_config_and_corrupt_checkpoint_are_refused(tmp_path, straight, cap
     assert "cannot be restored" in capsys.readouterr().err
 
 
+def test_the_same_data_file_named_differently_is_the_same_run(tmp_path, monkeypatch, capsys):
+    from distdeer.data import systems
+
+    np.save(tmp_path / "d.npy", np.asarray(systems.generate("lorenz63", 600, seed=1)))
+    np.save(tmp_path / "other.npy", np.load(tmp_path / "d.npy"))
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path, tmp_path / "named", train__steps=3, checkpoint__every=3)
+    assert main(["train", cfg, "data.path=d.npy"]) == 0
+    assert main(["train", cfg, f"data.path={tmp_path / 'd.npy'}"]) == 0  # resumes (already finished)
+    capsys.readouterr()
+    assert main(["train", cfg, f"data.path={tmp_path / 'other.npy'}"]) == 2
+    assert "data.path differ" in capsys.readouterr().err
+
+
 def test_window_mode_trains_and_resumes_bitwise(tmp_path):
     """Batches of windows (train.seq_len) drawn from (seed, step): a killed and resumed run equals the
     uninterrupted one."""
