@@ -228,8 +228,9 @@ def _train(args) -> int:
     state = "stopped (signal) at" if summary["stopped"] else "finished at"
     ev = summary.get("eval")
     if ev:
-        print(f"distdeer: evaluation: D_stsp {ev['D_stsp']['value']:.3f}  D_H {ev['D_H']['value']:.3f}  "
-              f"PE(20) {ev['PE']['value']:.4f}  λ_max {ev['lyapunov_max']['per_time_unit']:.3f} per time unit")
+        from distdeer import eval as eval_mod
+
+        print(f"distdeer: evaluation: {eval_mod.headline(ev)}")
     print(f"distdeer: {state} step {summary['step']}; results in {where} "
           f"(attractor.png, spectrum.png, eval.json, loss.png, metrics.jsonl, checkpoints/); "
           f"params sha256 {summary['params_sha256'][:16]}…")
@@ -247,9 +248,7 @@ def _eval(args) -> int:
     except (*_user_errors(), eval_mod.EvalError) as e:
         raise UsageError(str(e)) from None
     for r in results:
-        print(f"{r['run_dir']}: D_stsp {r['D_stsp']['value']:.4f} ({r['D_stsp']['variant']})  "
-              f"D_H {r['D_H']['value']:.4f}  PE(20) {r['PE']['value']:.4f}  "
-              f"λ_max {r['lyapunov_max']['per_time_unit']:.3f}/time unit")
+        print(f"{r['run_dir']}: {eval_mod.headline(r)}")
     if len(results) > 1:
         summary = eval_mod.summarise(results)
         print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))

@@ -105,6 +105,9 @@ class RayConfig:
 class EvalConfig:
     at_end: bool = True  # evaluate (distdeer eval) when training finishes
     data: str | None = None  # test series; None: a fresh trajectory of a generated system
+    # the data system's largest Lyapunov exponent per time unit, when known (eval.json compares the model's
+    # with it); None: the literature value for a generated system (data.system or a generated .zarr)
+    lyapunov_reference: float | None = None
 
 
 @dataclasses.dataclass

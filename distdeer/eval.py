@@ -119,6 +119,30 @@ def largest_lyapunov(model: Model, params, x0, steps: int = LYAPUNOV_STEPS, tran
     return float(run(z0))
 
 
+def reference_lyapunov(cfg) -> float | None:
+    """The data system's largest exponent per time unit: ``eval.lyapunov_reference`` if set, else the
+    literature value of a generated system — ``data.system``, or the ``system`` attribute that
+    ``distdeer data generate`` stores with a .zarr series; None when unknown."""
+    if cfg.eval.lyapunov_reference is not None:
+        return cfg.eval.lyapunov_reference
+    system = cfg.data.system
+    if cfg.data.path is not None:
+        try:
+            system = store.attributes(store.open_series(cfg.data.path)).get("system")
+        except store.DataError:  # not a zarr series (.npy/.csv), or no longer there
+            system = None
+    return KNOWN_LYAPUNOV.get(system)
+
+
+def headline(res: dict) -> str:
+    """One line of an evaluation's measures (the CLI prints it)."""
+    lyap = res["lyapunov_max"]
+    ref = lyap["system_reference_per_time_unit"]
+    return (f"D_stsp {res['D_stsp']['value']:.3f} ({res['D_stsp']['variant']})  D_H {res['D_H']['value']:.3f}  "
+            f"PE({res['PE']['n']}) {res['PE']['value']:.4f}  λ_max {lyap['per_time_unit']:.3f} per time unit"
+            + (f" (data system {ref:.3f})" if ref is not None else ""))
+
+
 def evaluate(run_dir: str, data: str | None = None, figures: bool = True) -> dict:
     cfg, model, params, norm, step = load_run(run_dir)
     x_test, source = test_series(cfg, norm, data)
@@ -139,8 +163,7 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True) -> dic
                                                    x_test, PE_STEPS), "n": PE_STEPS, "units": "standardised"}
     lyap = largest_lyapunov(model, params, x_test[0])
     res["lyapunov_max"] = {"per_step": lyap, "per_time_unit": lyap / cfg.data.dt, "dt": cfg.data.dt,
-                           "system_reference_per_time_unit": KNOWN_LYAPUNOV.get(cfg.data.system)
-                           if cfg.data.path is None else None}
+                           "system_reference_per_time_unit": reference_lyapunov(cfg)}
     mean, std = np.asarray(norm["mean"]), np.asarray(norm["std"])
     np.save(os.path.join(run_dir, "generated.npy"), (gen * std + mean).astype(np.float32))
     if figures:

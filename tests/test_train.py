@@ -203,6 +203,21 @@ def test_the_same_data_file_named_differently_is_the_same_run(tmp_path, monkeypa
     assert "data.path differ" in capsys.readouterr().err
 
 
+def test_the_data_systems_lyapunov_exponent_is_known_where_it_can_be(tmp_path):
+    from distdeer import config
+    from distdeer import eval as eval_mod
+    from distdeer.data import store
+
+    x = np.random.default_rng(0).normal(size=(100, 3))
+    store.write(str(tmp_path / "r.zarr"), x, mean=np.zeros(3), std=np.ones(3), attrs={"system": "rossler"})
+    np.save(tmp_path / "r.npy", x)
+    ref = lambda *o: eval_mod.reference_lyapunov(config.load(None, list(o)))  # noqa: E731
+    assert ref("data.system=lorenz63") == pytest.approx(0.9056)  # generated in the run
+    assert ref(f"data.path={tmp_path / 'r.zarr'}") == pytest.approx(0.0714)  # stored by data generate
+    assert ref(f"data.path={tmp_path / 'r.npy'}") is None  # a plain file: unknown
+    assert ref(f"data.path={tmp_path / 'r.npy'}", "eval.lyapunov_reference=0.906") == 0.906
+
+
 def test_window_mode_trains_and_resumes_bitwise(tmp_path):
     """Batches of windows (train.seq_len) drawn from (seed, step): a killed and resumed run equals the
     uninterrupted one."""
@@ -254,6 +269,7 @@ def test_evaluation_at_the_end_and_summary_over_runs(straight, tmp_path):
     summary = tmp_path / "summary.json"
     proc = cli("eval", str(run), str(run), "--summary", str(summary))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("λ_max") == 2 and "(data system 0.906)" in proc.stdout
     s = json.loads(summary.read_text())
     for key in ("D_stsp", "D_H", "PE"):
         assert s[key]["n"] == 2 and s[key]["mad"] == 0.0 or s[key]["nan_runs"] == 2
