@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = commands.add_parser("eval", help="DSR evaluation of one run, or a summary over several (seeds)")
     e.add_argument("run_dirs", nargs="+")
     e.add_argument("--data", help="test series (.npy/.csv/.zarr); default: a fresh generated trajectory")
-    e.add_argument("--summary", metavar="PATH", help="write the median ± MAD summary of several runs as JSON")
+    e.add_argument("--summary", metavar="PATH", help="where the median ± MAD summary of several runs goes (default: <base>-summary.json for "
+                   "runs <base>-seed<k>, else summary.json in their common parent directory)")
     sw = commands.add_parser("sweep", help="train one config for several seeds, then summarise (median ± MAD)")
     sw.add_argument("config")
     sw.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
@@ -238,8 +239,6 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    import json
-
     from distdeer import eval as eval_mod
 
     _check_output(args.summary)
@@ -250,11 +249,10 @@ def _eval(args) -> int:
     for r in results:
         print(f"{r['run_dir']}: {eval_mod.headline(r)}")
     if len(results) > 1:
-        summary = eval_mod.summarise(results)
-        print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
-        if args.summary:
-            with open(args.summary, "w") as f:
-                json.dump(summary, f, indent=2)
+        try:
+            eval_mod.write_summary(results, args.summary)
+        except eval_mod.EvalError as e:
+            raise UsageError(str(e)) from None
     return 0
 
 

@@ -3,15 +3,17 @@
 Protocol: from the first test point the model runs freely for 1.25·T_test steps; the first 0.25·T_test
 are dropped, so the compared generated series has exactly the test series' length.  Measures: D_stsp
 (binning for N < 6, Gaussian mixture otherwise), D_H (σ = 20), PE(20), and the model's largest Lyapunov
-exponent along the generated trajectory.  Writes into the run directory ``eval.json``,
-``generated.npy`` (in the test data's units), ``attractor.png``, ``spectrum.png`` and ``timeseries.png``.
-Several run directories (seeds) are summarised by median ± MAD per measure, NaN runs counted.
+exponent (its own free run from the first test point: 1000 transient steps, then 20 000 steps).  Writes
+into the run directory ``eval.json``, ``generated.npy`` (in the test data's units), ``attractor.png``,
+``spectrum.png`` and ``timeseries.png``.  Several run directories (seeds) evaluated alike are summarised
+by median ± MAD per measure, NaN values and diverged runs (non-finite free run) counted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,7 @@ PE_STEPS = 20
 SIGMA = 20.0
 N_BINS = 30
 LYAPUNOV_STEPS = 20_000
+LYAPUNOV_TRANSIENT = 1000
 
 
 class EvalError(ValueError):
@@ -100,7 +103,7 @@ def n_step_predictions(model: Model, params, x_starts: np.ndarray, n: int) -> np
     return np.asarray(jax.jit(jax.vmap(one))(jnp.asarray(x_starts)))
 
 
-def largest_lyapunov(model: Model, params, x0, steps: int = LYAPUNOV_STEPS, transient: int = 1000) -> float:
+def largest_lyapunov(model: Model, params, x0, steps: int = LYAPUNOV_STEPS, transient: int = LYAPUNOV_TRANSIENT) -> float:
     """Largest Lyapunov exponent per step: mean log growth of a tangent vector renormalised each step."""
     z0 = model.initial_state(params, jnp.asarray(x0))
 
@@ -138,7 +141,8 @@ def headline(res: dict) -> str:
     """One line of an evaluation's measures (the CLI prints it)."""
     lyap = res["lyapunov_max"]
     ref = lyap["system_reference_per_time_unit"]
-    return (f"D_stsp {res['D_stsp']['value']:.3f} ({res['D_stsp']['variant']})  D_H {res['D_H']['value']:.3f}  "
+    return (f"D_stsp {res['D_stsp']['value']:.3f} ({res['D_stsp']['variant']})  "
+            f"D_H(σ={res['D_H']['sigma']:g}) {res['D_H']['value']:.3f}  "
             f"PE({res['PE']['n']}) {res['PE']['value']:.4f}  λ_max {lyap['per_time_unit']:.3f} per time unit"
             + (f" (data system {ref:.3f})" if ref is not None else ""))
 
@@ -151,7 +155,8 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True) -> dic
     gen = free_run(model, params, x_test[0], T + drop)[drop:]
     N = x_test.shape[1]
     res = {"run_dir": os.path.abspath(run_dir), "step": step, "test_data": source, "T_test": T,
-           "protocol": {"free_run_steps": T + drop, "dropped": drop, "start": "first test point"}}
+           "protocol": {"free_run_steps": T + drop, "dropped": drop, "start": "first test point"},
+           "diverged": not bool(np.all(np.isfinite(gen)))}
     if N < 6:
         res["D_stsp"] = {"value": metrics.state_space_divergence(x_test, gen, n_bins=N_BINS),
                          "variant": "binning", "n_bins": N_BINS}
@@ -163,7 +168,8 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True) -> dic
                                                    x_test, PE_STEPS), "n": PE_STEPS, "units": "standardised"}
     lyap = largest_lyapunov(model, params, x_test[0])
     res["lyapunov_max"] = {"per_step": lyap, "per_time_unit": lyap / cfg.data.dt, "dt": cfg.data.dt,
-                           "system_reference_per_time_unit": reference_lyapunov(cfg)}
+                           "system_reference_per_time_unit": reference_lyapunov(cfg),
+                           "steps": LYAPUNOV_STEPS, "transient": LYAPUNOV_TRANSIENT}
     mean, std = np.asarray(norm["mean"]), np.asarray(norm["std"])
     np.save(os.path.join(run_dir, "generated.npy"), (gen * std + mean).astype(np.float32))
     if figures:
@@ -177,11 +183,49 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True) -> dic
     return res
 
 
+def summary_path(run_dirs: list[str]) -> str:
+    """Where a summary of ``run_dirs`` goes by default: ``<base>-summary.json`` for a sweep's runs
+    ``<base>-seed<k>`` (the name ``distdeer sweep`` gives them), else ``summary.json`` in their common
+    parent directory."""
+    dirs = [os.path.abspath(d).rstrip(os.sep) for d in run_dirs]
+    bases = {re.sub(r"-seed\d+$", "", d) for d in dirs}
+    if len(bases) == 1 and all(re.search(r"-seed\d+$", d) for d in dirs):
+        return f"{bases.pop()}-summary.json"
+    return os.path.join(os.path.commonpath(dirs), "summary.json")
+
+
+def write_summary(results: list[dict], path: str | None = None) -> str:
+    """Summarise ``results`` into ``path`` (default :func:`summary_path`), print the numbers, return the path."""
+    summary = summarise(results)
+    path = path or summary_path([r["run_dir"] for r in results])
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("runs", "protocol")}, indent=1))
+    print(f"distdeer: summary written to {path}")
+    return path
+
+
 def summarise(results: list[dict]) -> dict:
-    """Median ± MAD per measure over runs (seeds); NaN runs are counted, not averaged."""
-    out = {"runs": [r["run_dir"] for r in results]}
-    for key in ("D_stsp", "D_H", "PE"):
-        vals = np.array([r[key]["value"] for r in results], np.float64)
+    """Median ± MAD per measure over runs (seeds) evaluated alike; NaN values are counted, not averaged,
+    and so are diverged runs (a non-finite free run).  Runs evaluated on different test data or with
+    different measure parameters are refused (EvalError): their numbers do not compare."""
+    def protocol(r):
+        return {"test_data": r["test_data"], "T_test": r["T_test"],
+                "D_stsp": {k: v for k, v in r["D_stsp"].items() if k != "value"},
+                "D_H": {k: v for k, v in r["D_H"].items() if k != "value"},
+                "PE": {k: v for k, v in r["PE"].items() if k != "value"}}
+
+    first = protocol(results[0])
+    for r in results[1:]:
+        if protocol(r) != first:
+            raise EvalError(f"{r['run_dir']} was evaluated differently from {results[0]['run_dir']} "
+                            f"(test data or measure parameters); evaluate them on the same --data")
+    out = {"runs": [r["run_dir"] for r in results], "protocol": first,
+           "diverged_runs": sum(bool(r.get("diverged", False)) for r in results)}
+    values = {key: [r[key]["value"] for r in results] for key in ("D_stsp", "D_H", "PE")}
+    values["lyapunov_max_per_time_unit"] = [r["lyapunov_max"]["per_time_unit"] for r in results]
+    for key, vals in values.items():
+        vals = np.array(vals, np.float64)
         ok = vals[np.isfinite(vals)]
         med = float(np.median(ok)) if len(ok) else float("nan")
         out[key] = {"median": med, "mad": float(np.median(np.abs(ok - med))) if len(ok) else float("nan"),

@@ -77,11 +77,17 @@ def state_space_divergence_gmm(x_true, x_gen, scaling: float = 1.0, max_t: int =
 
 def smoothed_spectra(x, sigma: float = 20.0) -> np.ndarray:
     """Per-dimension spectra ``(N, T//2+1)``: z-score, ``|rfft|²`` (no window), Gaussian smoothing
-    (σ bins, truncate 4, reflect), clipped at 0, normalised to sum 1."""
+    (σ bins, truncate 4, reflect), clipped at 0, normalised to sum 1.
+
+    A constant dimension (a model that settled exactly on a fixed point) cannot be z-scored; it gets the
+    flat spectrum, the limit of vanishing white noise around the point, so that a fixed point scores the
+    reference floor (Lorenz-63 vs a fixed point: D_H 0.877) instead of NaN."""
     x = np.asarray(x, np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):  # a constant dimension gives NaN, reported as such
-        z = (x - x.mean(0)) / x.std(0)
+    std = x.std(0)
+    constant = std == 0
+    z = (x - x.mean(0)) / np.where(constant, 1.0, std)
     power = np.abs(np.fft.rfft(z, axis=0)) ** 2
+    power[:, constant] = 1.0
     smooth = np.clip(gaussian_filter1d(power, sigma, axis=0, mode="reflect", truncate=4.0), 0.0, None)
     return (smooth / smooth.sum(0)).T
 

@@ -136,10 +136,5 @@ def sweep(config_path: str, overrides: list[str], seeds: list[int], parallel: in
     if any(r is None for r in results):
         print("distdeer: sweep stopped before every run finished; rerun to resume")
         return 0
-    out = f"{base.run.dir}-summary.json"
-    summary = eval_mod.summarise(results)
-    with open(out, "w") as f:
-        json.dump(summary, f, indent=2)
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
-    print(f"distdeer: sweep summary written to {out}")
+    eval_mod.write_summary(results)
     return 0

@@ -1,0 +1,38 @@
+"""The summary over runs (seeds): median ± MAD, NaN and diverged runs counted, mixed protocols refused."""
+
+import numpy as np
+import pytest
+
+from distdeer import eval as eval_mod
+
+
+def result(run_dir, d_stsp, d_h=0.1, pe=0.01, lyap=0.9, diverged=False, test_data="test.npy", sigma=20.0):
+    return {"run_dir": run_dir, "test_data": test_data, "T_test": 1000, "diverged": diverged,
+            "D_stsp": {"value": d_stsp, "variant": "binning", "n_bins": 30},
+            "D_H": {"value": d_h, "sigma": sigma}, "PE": {"value": pe, "n": 20, "units": "standardised"},
+            "lyapunov_max": {"per_time_unit": lyap}}
+
+
+def test_median_mad_with_nan_and_diverged_runs():
+    s = eval_mod.summarise([result("/r/a-seed0", 0.1, lyap=0.8), result("/r/a-seed1", float("nan"), diverged=True),
+                            result("/r/a-seed2", 0.3, lyap=1.0)])
+    assert s["D_stsp"]["median"] == pytest.approx(0.2) and s["D_stsp"]["mad"] == pytest.approx(0.1)
+    assert s["D_stsp"]["n"] == 3 and s["D_stsp"]["nan_runs"] == 1 and s["diverged_runs"] == 1
+    assert s["D_H"]["median"] == pytest.approx(0.1) and s["D_H"]["mad"] == 0.0 and s["D_H"]["nan_runs"] == 0
+    assert s["lyapunov_max_per_time_unit"]["median"] == pytest.approx(0.9)
+    assert s["protocol"]["D_H"] == {"sigma": 20.0} and s["protocol"]["test_data"] == "test.npy"
+    all_nan = eval_mod.summarise([result("/r/x", float("nan")), result("/r/y", float("nan"))])
+    assert np.isnan(all_nan["D_stsp"]["median"]) and all_nan["D_stsp"]["nan_runs"] == 2
+
+
+def test_runs_evaluated_differently_are_refused():
+    with pytest.raises(eval_mod.EvalError, match="evaluated differently"):
+        eval_mod.summarise([result("/r/a", 0.1), result("/r/b", 0.2, test_data="other.npy")])
+    with pytest.raises(eval_mod.EvalError, match="evaluated differently"):
+        eval_mod.summarise([result("/r/a", 0.1), result("/r/b", 0.2, sigma=10.0)])
+
+
+def test_default_summary_path():
+    assert eval_mod.summary_path(["/r/l63-seed0", "/r/l63-seed1/", "/r/l63-seed12"]) == "/r/l63-summary.json"
+    assert eval_mod.summary_path(["/r/a-seed0", "/r/b-seed1"]) == "/r/summary.json"
+    assert eval_mod.summary_path(["/r/x/one", "/r/y/two"]) == "/r/summary.json"
