@@ -32,16 +32,21 @@ def loss_figure(metrics_path: str, out: str) -> None:
 
 
 def attractor_figure(data: np.ndarray, generated: np.ndarray, out: str, title: str = "") -> None:
-    """True vs free-running trajectories: 3-D for N ≥ 3 (first three dims), else the first two."""
+    """True vs free-running trajectories: 3-D for N ≥ 3 (first three dims), the plane for N = 2, and a
+    delay embedding (x_t, x_{t+10}) for a scalar series."""
     fig = plt.figure(figsize=(10, 4.5))
     for i, (x, name) in enumerate(((data, "data"), (generated, "model, free-running"))):
         finite = x[np.all(np.isfinite(x), axis=1)]
         if x.shape[1] >= 3:
             ax = fig.add_subplot(1, 2, i + 1, projection="3d")
             ax.plot(finite[:, 0], finite[:, 1], finite[:, 2], lw=0.3)
+        elif x.shape[1] == 2:
+            ax = fig.add_subplot(1, 2, i + 1)
+            ax.plot(finite[:, 0], finite[:, 1], lw=0.3)
         else:
             ax = fig.add_subplot(1, 2, i + 1)
-            ax.plot(finite[:, 0], finite[:, -1], lw=0.3)
+            ax.plot(finite[:-10, 0], finite[10:, 0], lw=0.3)
+            ax.set(xlabel="x(t)", ylabel="x(t+10)")
         ax.set_title(name)
     if title:
         fig.suptitle(title)

@@ -36,3 +36,18 @@ def test_default_summary_path():
     assert eval_mod.summary_path(["/r/l63-seed0", "/r/l63-seed1/", "/r/l63-seed12"]) == "/r/l63-summary.json"
     assert eval_mod.summary_path(["/r/a-seed0", "/r/b-seed1"]) == "/r/summary.json"
     assert eval_mod.summary_path(["/r/x/one", "/r/y/two"]) == "/r/summary.json"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_figures_for_any_dimension(tmp_path, n):
+    from distdeer import metrics, plots
+
+    t = np.arange(3000)[:, None] * 0.02
+    x = np.sin(t * (1.0 + np.arange(n)))
+    gen = np.cos(t * (1.0 + np.arange(n)))
+    gen[-5:] = np.nan  # a run that diverged at the end still plots its finite part
+    plots.attractor_figure(x, gen, str(tmp_path / "a.png"), "title")
+    plots.spectrum_figure(metrics.smoothed_spectra(x), metrics.smoothed_spectra(x[::-1]), str(tmp_path / "s.png"))
+    plots.timeseries_figure(x, gen, str(tmp_path / "t.png"))
+    for name in ("a.png", "s.png", "t.png"):
+        assert (tmp_path / name).stat().st_size > 5000
