@@ -93,10 +93,13 @@ def train_parallel(config_path: str, overrides: list[str], runs, parallel: int) 
         while running or (pending and not stopped.is_set()):
             while pending and free and not stopped.is_set():
                 cfg, cpus = pending.pop(0), free.pop(0)
-                cmd = [sys.executable, "-m", "distdeer.cli", "train", config_path, *overrides,
+                # The child pins itself before anything starts a thread (no preexec_fn: this process
+                # runs JAX's threads, and forking it is unsafe).
+                pin = (f"import os, sys; os.sched_setaffinity(0, {cpus!r}); "
+                       "from distdeer.cli import main; sys.exit(main(sys.argv[1:]))")
+                cmd = [sys.executable, "-c", pin, "train", config_path, *overrides,
                        f"seed={cfg.seed}", f"run.dir={cfg.run.dir}"]
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        preexec_fn=lambda c=cpus: os.sched_setaffinity(0, c))
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 relay = threading.Thread(target=_relay, args=(proc, f"[seed {cfg.seed}] "), daemon=True)
                 relay.start()
                 running[proc] = (cfg, cpus, relay)

@@ -295,6 +295,7 @@ def test_sweep_over_seeds_writes_a_summary(tmp_path):
     cpus = sorted(os.sched_getaffinity(0))
     assert f"seed 4 started on CPUs {cpus[:max(1, len(cpus) // 2)]}" in proc.stdout
     assert "[seed 5] step 12/12" in proc.stdout
+    assert "fork" not in proc.stdout + proc.stderr  # no fork of the JAX-threaded parent
     parallel = json.loads((tmp_path / "par-summary.json").read_text())
     assert parallel["runs"] == [str(tmp_path / "par-seed4"), str(tmp_path / "par-seed5")]
     for k in (4, 5):
@@ -319,6 +320,12 @@ def test_parallel_sweep_stops_every_seed_on_sigterm_and_resumes(tmp_path):
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the sweep finished before it could be interrupted"
+    # each seed's process runs pinned to its own share of the CPUs
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        shares = [sorted(os.sched_getaffinity(int(pid))) for pid in f.read().split()]
+    cpus = sorted(os.sched_getaffinity(0))
+    assert len(shares) == 2 and all(shares) and sorted(sum(shares, [])) == cpus, shares
+    assert not set(shares[0]) & set(shares[1])
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
