@@ -6,7 +6,7 @@ Run k trains ``CONFIG seed=k run.dir=<run.dir>-seed<k>``; the summary of their e
 ``parallel=1`` trains the seeds one after another in this process.  ``parallel=N`` trains N at a time as
 separate ``distdeer train`` processes, each pinned to its own contiguous share of this process's CPUs:
 unpinned, the runs' XLA thread pools contend for every core, while a pinned run sizes its pool to its
-share (XLA counts the schedulable CPUs).  Measured gain: docs/results.md ("Seeds in parallel").
+share (XLA counts the schedulable CPUs).  Wall times of pinned seeds: docs/results.md (Lorenz-63).
 """
 
 from __future__ import annotations
