@@ -79,7 +79,7 @@ def test_series(cfg, norm: dict, path: str | None) -> tuple[np.ndarray, str]:
             raw = z * np.asarray(attrs["std"]) + np.asarray(attrs["mean"])
         else:
             raw = store.read_raw(path)
-        source = path
+        source = os.path.realpath(path)
     if raw.shape[1] != len(mean):
         raise EvalError(f"test data has {raw.shape[1]} dimensions, the model observes {len(mean)}")
     return ((raw - mean) / std).astype(np.float32), source
@@ -210,7 +210,9 @@ def summarise(results: list[dict]) -> dict:
     and so are diverged runs (a non-finite free run).  Runs evaluated on different test data or with
     different measure parameters are refused (EvalError): their numbers do not compare."""
     def protocol(r):
-        return {"test_data": r["test_data"], "T_test": r["T_test"],
+        data = r["test_data"]  # a file by its real path (older eval.json files may hold a relative one)
+        data = data if data.startswith("generated:") else os.path.realpath(data)
+        return {"test_data": data, "T_test": r["T_test"],
                 "D_stsp": {k: v for k, v in r["D_stsp"].items() if k != "value"},
                 "D_H": {k: v for k, v in r["D_H"].items() if k != "value"},
                 "PE": {k: v for k, v in r["PE"].items() if k != "value"}}

@@ -26,6 +26,10 @@ def test_median_mad_with_nan_and_diverged_runs():
 
 
 def test_runs_evaluated_differently_are_refused():
+    import os
+
+    same = eval_mod.summarise([result("/r/a", 0.1), result("/r/b", 0.2, test_data=os.path.abspath("test.npy"))])
+    assert same["D_stsp"]["n"] == 2  # one test file, named relatively and absolutely
     with pytest.raises(eval_mod.EvalError, match="evaluated differently"):
         eval_mod.summarise([result("/r/a", 0.1), result("/r/b", 0.2, test_data="other.npy")])
     with pytest.raises(eval_mod.EvalError, match="evaluated differently"):
