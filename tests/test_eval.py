@@ -1,5 +1,7 @@
 """The summary over runs (seeds): median ± MAD, NaN and diverged runs counted, mixed protocols refused."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -20,14 +22,12 @@ def test_median_mad_with_nan_and_diverged_runs():
     assert s["D_stsp"]["n"] == 3 and s["D_stsp"]["nan_runs"] == 1 and s["diverged_runs"] == 1
     assert s["D_H"]["median"] == pytest.approx(0.1) and s["D_H"]["mad"] == 0.0 and s["D_H"]["nan_runs"] == 0
     assert s["lyapunov_max_per_time_unit"]["median"] == pytest.approx(0.9)
-    assert s["protocol"]["D_H"] == {"sigma": 20.0} and s["protocol"]["test_data"] == "test.npy"
+    assert s["protocol"]["D_H"] == {"sigma": 20.0} and s["protocol"]["test_data"] == os.path.realpath("test.npy")
     all_nan = eval_mod.summarise([result("/r/x", float("nan")), result("/r/y", float("nan"))])
     assert np.isnan(all_nan["D_stsp"]["median"]) and all_nan["D_stsp"]["nan_runs"] == 2
 
 
 def test_runs_evaluated_differently_are_refused():
-    import os
-
     same = eval_mod.summarise([result("/r/a", 0.1), result("/r/b", 0.2, test_data=os.path.abspath("test.npy"))])
     assert same["D_stsp"]["n"] == 2  # one test file, named relatively and absolutely
     with pytest.raises(eval_mod.EvalError, match="evaluated differently"):
