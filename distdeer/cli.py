@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = commands.add_parser("eval", help="DSR evaluation of one run, or a summary over several (seeds)")
     e.add_argument("run_dirs", nargs="+")
     e.add_argument("--data", help="test series (.npy/.csv/.zarr); default: a fresh generated trajectory")
-    e.add_argument("--summary", metavar="PATH", help="where the median ± MAD summary of several runs goes (default: <base>-summary.json for "
-                   "runs <base>-seed<k>, else summary.json in their common parent directory)")
+    e.add_argument("--summary", metavar="PATH",
+                   help="where the median ± MAD summary of several runs goes (default: <base>-summary.json "
+                   "for runs <base>-seed<k>, else summary.json in their common parent directory)")
     sw = commands.add_parser("sweep", help="train one config for several seeds, then summarise (median ± MAD)")
     sw.add_argument("config")
     sw.add_argument("overrides", nargs="*", help="dotted.key=value overrides")

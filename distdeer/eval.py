@@ -103,7 +103,8 @@ def n_step_predictions(model: Model, params, x_starts: np.ndarray, n: int) -> np
     return np.asarray(jax.jit(jax.vmap(one))(jnp.asarray(x_starts)))
 
 
-def largest_lyapunov(model: Model, params, x0, steps: int = LYAPUNOV_STEPS, transient: int = LYAPUNOV_TRANSIENT) -> float:
+def largest_lyapunov(model: Model, params, x0, steps: int = LYAPUNOV_STEPS,
+                     transient: int = LYAPUNOV_TRANSIENT) -> float:
     """Largest Lyapunov exponent per step: mean log growth of a tangent vector renormalised each step."""
     z0 = model.initial_state(params, jnp.asarray(x0))
 

@@ -28,13 +28,13 @@ class SweepError(ValueError):
     """Bad sweep arguments (reported in one line, exit 2)."""
 
 
-def plan(config_path: str, overrides: list[str], seeds: list[int]):
-    """(base config, one config per seed); every run is validated before any starts."""
-    base = config.load(config_path, overrides)
-    runs = [config.load(config_path, [*overrides, f"seed={k}", f"run.dir={base.run.dir}-seed{k}"]) for k in seeds]
+def plan(config_path: str, overrides: list[str], seeds: list[int]) -> list:
+    """One config per seed; every run is validated before any starts."""
+    base_dir = config.load(config_path, overrides).run.dir
+    runs = [config.load(config_path, [*overrides, f"seed={k}", f"run.dir={base_dir}-seed{k}"]) for k in seeds]
     for cfg in runs:
         loop.prepare(cfg)
-    return base, runs
+    return runs
 
 
 def cpu_shares(n: int) -> list[list[int]]:
@@ -121,7 +121,7 @@ def sweep(config_path: str, overrides: list[str], seeds: list[int], parallel: in
     """Train every seed, write the summary, print it; exit code 0, or 1 when a seed failed."""
     if parallel < 1:
         raise SweepError("--parallel must be >= 1")
-    base, runs = plan(config_path, overrides, seeds)
+    runs = plan(config_path, overrides, seeds)
     if parallel == 1:
         for cfg in runs:
             if loop.run(cfg)["stopped"]:
