@@ -27,12 +27,18 @@ class RunConfig:
     dir: str = "runs/lorenz63"
 
 
+GENERATOR_DT = 0.01  # integration step of the built-in systems unless data.dt says otherwise
+
+
 @dataclasses.dataclass
 class DataConfig:
     path: str | None = None  # .zarr or .npy; None: generate `system` in memory
     system: str = "lorenz63"  # generator used when path is None
     steps: int = 100_000
-    dt: float = 0.01
+    # Sampling interval in time units per step. None: GENERATOR_DT for a generated system, else the
+    # series' own `dt` attribute (files written by `distdeer data generate`), else unknown — then the
+    # model's Lyapunov exponent is reported per step only.
+    dt: float | None = None
     noise: float = 0.05
     seed: int = 0
 
@@ -213,7 +219,7 @@ def _set(tree: dict, dotted: str, value) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Value checks that types cannot express."""
+    """Value checks that types cannot express; a generated system without ``data.dt`` gets GENERATOR_DT."""
     flat = {}
     for section, values in to_dict(cfg).items():
         if isinstance(values, dict):
@@ -235,6 +241,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.nonlinear ({cfg.model.nonlinear}) exceeds model.latent ({cfg.model.latent})")
     if cfg.train.seq_len is not None and cfg.train.seq_len < 2:
         raise ConfigError(f"train.seq_len: must be >= 2 or null (whole series), got {cfg.train.seq_len}")
+    if cfg.data.path is None and cfg.data.dt is None:
+        cfg.data.dt = GENERATOR_DT
     return cfg
 
 

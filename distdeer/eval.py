@@ -123,18 +123,30 @@ def largest_lyapunov(model: Model, params, x0, steps: int = LYAPUNOV_STEPS,
     return float(run(z0))
 
 
+def _series_attributes(cfg) -> dict:
+    """What the training series says about itself: the attributes ``distdeer data generate`` stores
+    with a .zarr series (``system``, ``dt``, …); {} for a generated run, a .npy/.csv file or a lost file."""
+    if cfg.data.path is None:
+        return {}
+    try:
+        return store.attributes(store.open_series(cfg.data.path))
+    except store.DataError:
+        return {}
+
+
+def sampling_interval(cfg) -> float | None:
+    """Time units per step: ``data.dt`` (set for every generated run), else the series' ``dt`` attribute;
+    None when unknown (an imported file without ``data.dt``)."""
+    return cfg.data.dt if cfg.data.dt is not None else _series_attributes(cfg).get("dt")
+
+
 def reference_lyapunov(cfg) -> float | None:
     """The data system's largest exponent per time unit: ``eval.lyapunov_reference`` if set, else the
     literature value of a generated system — ``data.system``, or the ``system`` attribute that
     ``distdeer data generate`` stores with a .zarr series; None when unknown."""
     if cfg.eval.lyapunov_reference is not None:
         return cfg.eval.lyapunov_reference
-    system = cfg.data.system
-    if cfg.data.path is not None:
-        try:
-            system = store.attributes(store.open_series(cfg.data.path)).get("system")
-        except store.DataError:  # not a zarr series (.npy/.csv), or no longer there
-            system = None
+    system = cfg.data.system if cfg.data.path is None else _series_attributes(cfg).get("system")
     return KNOWN_LYAPUNOV.get(system)
 
 
@@ -144,7 +156,9 @@ def headline(res: dict) -> str:
     ref = lyap["system_reference_per_time_unit"]
     return (f"D_stsp {res['D_stsp']['value']:.3f} ({res['D_stsp']['variant']})  "
             f"D_H(σ={res['D_H']['sigma']:g}) {res['D_H']['value']:.3f}  "
-            f"PE({res['PE']['n']}) {res['PE']['value']:.4f}  λ_max {lyap['per_time_unit']:.3f} per time unit"
+            f"PE({res['PE']['n']}) {res['PE']['value']:.4f}  λ_max "
+            + (f"{lyap['per_step']:.4f} per step (set data.dt for per time unit)" if lyap["per_time_unit"] is None
+               else f"{lyap['per_time_unit']:.3f} per time unit")
             + (f" (data system {ref:.3f})" if ref is not None else ""))
 
 
@@ -168,7 +182,8 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True) -> dic
     res["PE"] = {"value": metrics.prediction_error(lambda xs, n: n_step_predictions(model, params, xs, n),
                                                    x_test, PE_STEPS), "n": PE_STEPS, "units": "standardised"}
     lyap = largest_lyapunov(model, params, x_test[0])
-    res["lyapunov_max"] = {"per_step": lyap, "per_time_unit": lyap / cfg.data.dt, "dt": cfg.data.dt,
+    dt = sampling_interval(cfg)
+    res["lyapunov_max"] = {"per_step": lyap, "per_time_unit": None if dt is None else lyap / dt, "dt": dt,
                            "system_reference_per_time_unit": reference_lyapunov(cfg),
                            "steps": LYAPUNOV_STEPS, "transient": LYAPUNOV_TRANSIENT}
     mean, std = np.asarray(norm["mean"]), np.asarray(norm["std"])
@@ -226,7 +241,9 @@ def summarise(results: list[dict]) -> dict:
     out = {"runs": [r["run_dir"] for r in results], "protocol": first,
            "diverged_runs": sum(bool(r.get("diverged", False)) for r in results)}
     values = {key: [r[key]["value"] for r in results] for key in ("D_stsp", "D_H", "PE")}
-    values["lyapunov_max_per_time_unit"] = [r["lyapunov_max"]["per_time_unit"] for r in results]
+    values["lyapunov_max_per_step"] = [r["lyapunov_max"]["per_step"] for r in results]
+    if all(r["lyapunov_max"].get("per_time_unit") is not None for r in results):
+        values["lyapunov_max_per_time_unit"] = [r["lyapunov_max"]["per_time_unit"] for r in results]
     for key, vals in values.items():
         vals = np.array(vals, np.float64)
         ok = vals[np.isfinite(vals)]

@@ -12,7 +12,7 @@ def result(run_dir, d_stsp, d_h=0.1, pe=0.01, lyap=0.9, diverged=False, test_dat
     return {"run_dir": run_dir, "test_data": test_data, "T_test": 1000, "diverged": diverged,
             "D_stsp": {"value": d_stsp, "variant": "binning", "n_bins": 30},
             "D_H": {"value": d_h, "sigma": sigma}, "PE": {"value": pe, "n": 20, "units": "standardised"},
-            "lyapunov_max": {"per_time_unit": lyap}}
+            "lyapunov_max": {"per_step": 0.009 if lyap is None else lyap * 0.01, "per_time_unit": lyap}}
 
 
 def test_median_mad_with_nan_and_diverged_runs():
@@ -22,6 +22,9 @@ def test_median_mad_with_nan_and_diverged_runs():
     assert s["D_stsp"]["n"] == 3 and s["D_stsp"]["nan_runs"] == 1 and s["diverged_runs"] == 1
     assert s["D_H"]["median"] == pytest.approx(0.1) and s["D_H"]["mad"] == 0.0 and s["D_H"]["nan_runs"] == 0
     assert s["lyapunov_max_per_time_unit"]["median"] == pytest.approx(0.9)
+    assert s["lyapunov_max_per_step"]["median"] == pytest.approx(0.009)
+    unknown_dt = eval_mod.summarise([result("/r/a", 0.1, lyap=None), result("/r/b", 0.2)])
+    assert "lyapunov_max_per_time_unit" not in unknown_dt  # not every run knows its sampling interval
     assert s["protocol"]["D_H"] == {"sigma": 20.0} and s["protocol"]["test_data"] == os.path.realpath("test.npy")
     all_nan = eval_mod.summarise([result("/r/x", float("nan")), result("/r/y", float("nan"))])
     assert np.isnan(all_nan["D_stsp"]["median"]) and all_nan["D_stsp"]["nan_runs"] == 2

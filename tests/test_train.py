@@ -198,6 +198,8 @@ def test_the_same_data_file_named_differently_is_the_same_run(tmp_path, monkeypa
     cfg = write_config(tmp_path, tmp_path / "named", train__steps=3, checkpoint__every=3)
     assert main(["train", cfg, "data.path=d.npy"]) == 0
     assert main(["train", cfg, f"data.path={tmp_path / 'd.npy'}"]) == 0  # resumes (already finished)
+    # Generator keys and the sampling interval do not change what a run on a file computes.
+    assert main(["train", cfg, "data.path=d.npy", "data.system=rossler", "data.dt=0.5", "data.noise=0"]) == 0
     capsys.readouterr()
     assert main(["train", cfg, f"data.path={tmp_path / 'other.npy'}"]) == 2
     assert "data.path differ" in capsys.readouterr().err
@@ -216,6 +218,27 @@ def test_the_data_systems_lyapunov_exponent_is_known_where_it_can_be(tmp_path):
     assert ref(f"data.path={tmp_path / 'r.zarr'}") == pytest.approx(0.0714)  # stored by data generate
     assert ref(f"data.path={tmp_path / 'r.npy'}") is None  # a plain file: unknown
     assert ref(f"data.path={tmp_path / 'r.npy'}", "eval.lyapunov_reference=0.906") == 0.906
+
+
+def test_the_sampling_interval_is_known_where_it_can_be(tmp_path):
+    """λ_max per time unit needs the series' dt: set for generated runs, stored by `data generate`, given
+    by data.dt — otherwise unknown (None), never silently the generator's default."""
+    from distdeer import config
+    from distdeer import eval as eval_mod
+    from distdeer.data import store
+
+    x = np.random.default_rng(0).normal(size=(100, 3))
+    store.write(str(tmp_path / "r.zarr"), x, mean=np.zeros(3), std=np.ones(3), attrs={"dt": 0.05})
+    np.save(tmp_path / "r.npy", x)
+    dt = lambda *o: eval_mod.sampling_interval(config.load(None, list(o)))  # noqa: E731
+    assert dt() == config.GENERATOR_DT and dt("data.dt=0.002") == 0.002  # generated in the run
+    assert dt(f"data.path={tmp_path / 'r.zarr'}") == 0.05  # stored by data generate
+    assert dt(f"data.path={tmp_path / 'r.npy'}") is None  # a plain file: unknown
+    assert dt(f"data.path={tmp_path / 'r.npy'}", "data.dt=0.004") == 0.004
+    res = {"D_stsp": {"value": 1.0, "variant": "binning"}, "D_H": {"value": 0.5, "sigma": 20.0},
+           "PE": {"value": 0.1, "n": 20}, "lyapunov_max": {"per_step": 0.0123, "per_time_unit": None,
+                                                           "system_reference_per_time_unit": None}}
+    assert "λ_max 0.0123 per step" in eval_mod.headline(res)
 
 
 def test_window_mode_trains_and_resumes_bitwise(tmp_path):

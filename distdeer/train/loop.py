@@ -65,8 +65,10 @@ def load_series(cfg: Config) -> tuple[np.ndarray, dict]:
 def _identity(cfg: Config) -> dict:
     d = config_mod.to_dict(cfg)
     out = {k: d[k] for k in IDENTITY_SECTIONS}
-    if out["data"]["path"] is not None:  # the same file however it is named (relative, absolute, links)
-        out["data"]["path"] = os.path.realpath(out["data"]["path"])
+    if out["data"]["path"] is not None:
+        # The same file however it is named (relative, absolute, links); the generator's keys and the
+        # sampling interval (used by evaluation only) do not change what a file-trained run computes.
+        out["data"] = {"path": os.path.realpath(out["data"]["path"])}
     out["train"] = {k: d["train"][k] for k in IDENTITY_TRAIN_KEYS}
     return out
 
