@@ -305,6 +305,9 @@ def test_sweep_over_seeds_writes_a_summary(tmp_path):
     cfg = write_config(tmp_path, base, train__steps=12, data__steps=800)
     proc = cli("sweep", cfg, "--seeds", "4,5")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    for k in (4, 5):  # each seed ends with its evaluation and its results, as `distdeer train` does
+        assert f"finished at step 12; results in {tmp_path / f'sw-seed{k}'}" in proc.stdout
+    assert proc.stdout.count("distdeer: evaluation: D_stsp") == 2
     summary = json.loads((tmp_path / "sw-summary.json").read_text())
     assert summary["runs"] == [str(tmp_path / "sw-seed4"), str(tmp_path / "sw-seed5")]
     for key in ("D_stsp", "D_H", "PE"):
