@@ -226,22 +226,8 @@ def _train(args) -> int:
         summary = loop.run(cfg)
     except _user_errors() as e:
         raise UsageError(str(e)) from None
-    print_outcome(summary)
+    loop.print_outcome(summary)
     return 0
-
-
-def print_outcome(summary: dict) -> None:
-    """The lines a finished or stopped training run ends with (its evaluation, where its results are)."""
-    where = os.path.abspath(summary["run_dir"])
-    state = "stopped (signal) at" if summary["stopped"] else "finished at"
-    ev = summary.get("eval")
-    if ev:
-        from distdeer import eval as eval_mod
-
-        print(f"distdeer: evaluation: {eval_mod.headline(ev)}")
-    print(f"distdeer: {state} step {summary['step']}; results in {where} "
-          f"(attractor.png, spectrum.png, eval.json, loss.png, metrics.jsonl, checkpoints/); "
-          f"params sha256 {summary['params_sha256'][:16]}…", flush=True)
 
 
 def _eval(args) -> int:

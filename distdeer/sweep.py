@@ -123,11 +123,9 @@ def sweep(config_path: str, overrides: list[str], seeds: list[int], parallel: in
         raise SweepError("--parallel must be >= 1")
     runs = plan(config_path, overrides, seeds)
     if parallel == 1:
-        from distdeer.cli import print_outcome
-
         for cfg in runs:
             outcome = loop.run(cfg)
-            print_outcome(outcome)
+            loop.print_outcome(outcome)
             if outcome["stopped"]:
                 print(f"distdeer: sweep stopped during {cfg.run.dir}; rerun to resume")
                 return 0

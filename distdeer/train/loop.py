@@ -298,6 +298,20 @@ def run(cfg: Config, control: Control | None = None) -> dict:
             "params_sha256": checkpoint.params_sha256(state.params), "last": last, "eval": evaluation}
 
 
+def print_outcome(summary: dict) -> None:
+    """The lines a finished or stopped training run ends with (its evaluation, where its results are)."""
+    where = os.path.abspath(summary["run_dir"])
+    state = "stopped (signal) at" if summary["stopped"] else "finished at"
+    ev = summary.get("eval")
+    if ev:
+        from distdeer import eval as eval_mod
+
+        print(f"distdeer: evaluation: {eval_mod.headline(ev)}")
+    print(f"distdeer: {state} step {summary['step']}; results in {where} "
+          f"(attractor.png, spectrum.png, eval.json, loss.png, metrics.jsonl, checkpoints/); "
+          f"params sha256 {summary['params_sha256'][:16]}…", flush=True)
+
+
 def wants_eval(cfg: Config) -> bool:
     """Evaluate at the end? (Generated data has a natural test series; a file needs ``eval.data``.)
     Multi-process runs are evaluated by their launcher after the workers exit."""
