@@ -56,7 +56,10 @@ class ModelConfig:
 class GTFConfig:
     mode: str = "adaptive"  # adaptive | constant
     alpha: float = 1.0  # constant α, or the starting α of the adaptive schedule
-    norm: str = "geometric"  # geometric (product upper bound) | max | mean
+    # max: per window the geometric mean of ‖J_t‖ over time, then the maximum over the batch (the reference
+    # "product upper bound"); geometric: one geometric mean over every forced state of the step (the same
+    # for a single series, lower on a batch of windows); mean: the arithmetic mean.
+    norm: str = "max"
     every: int = 5  # re-estimate α every k steps
     decay: float = 0.1  # α decays with time constant decay × train.steps (γ derived from it)
     sample: int = 4096  # time points used for the Jacobian-norm estimate

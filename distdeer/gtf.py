@@ -90,8 +90,10 @@ def jacobian_norm(jac: Callable, params, states: jax.Array, *, kind: str = "geom
 
 
 def reduce_norms(norms: jax.Array, kind: str) -> jax.Array:
-    """𝒩 from per-step spectral norms ``(..., T)``: ``geometric`` (product upper bound, exp mean log),
-    ``mean`` (arithmetic), or ``max`` (the batch maximum of per-sequence geometric means)."""
+    """𝒩 from per-step spectral norms ``(..., T)``: ``max`` (per sequence the geometric mean over time — the
+    growth rate that bounds its Jacobian product — then the maximum over sequences: the reference product
+    upper bound), ``geometric`` (one geometric mean over every step of every sequence; equal to ``max`` for a
+    single sequence) or ``mean`` (arithmetic)."""
     logs = jnp.log(jnp.maximum(norms, 1e-30))
     if kind == "geometric":
         return jnp.exp(jnp.mean(logs))
