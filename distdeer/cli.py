@@ -1,7 +1,7 @@
 """The ``distdeer`` command line.
 
     distdeer train CONFIG.yaml [dotted.key=value ...]
-    distdeer eval RUN_DIR [RUN_DIR ...] [--data TEST] [--summary PATH]
+    distdeer eval RUN_DIR [RUN_DIR ...] [--data TEST] [--select latest|train] [--summary PATH]
     distdeer sweep CONFIG.yaml [overrides] --seeds 0,1,2 [--parallel N]
     distdeer inspect RUN_DIR
     distdeer data generate SYSTEM --steps N [--dt] [--noise] [--dim] [--seed] --out PATH.zarr
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = commands.add_parser("eval", help="DSR evaluation of one run, or a summary over several (seeds)")
     e.add_argument("run_dirs", nargs="+")
     e.add_argument("--data", help="test series (.npy/.csv/.zarr); default: a fresh generated trajectory")
+    e.add_argument("--select", choices=("latest", "train"), default=None,
+                   help="which checkpoint: the latest, or the retained one closest (D_stsp) to the training "
+                   "series (default: the run's eval.select)")
     e.add_argument("--summary", metavar="PATH",
                    help="where the median ± MAD summary of several runs goes (default: <base>-summary.json "
                    "for runs <base>-seed<k>, else summary.json in their common parent directory)")
@@ -235,7 +238,7 @@ def _eval(args) -> int:
 
     _check_output(args.summary)
     try:
-        results = [eval_mod.evaluate(d, args.data) for d in args.run_dirs]
+        results = [eval_mod.evaluate(d, args.data, select=args.select) for d in args.run_dirs]
     except (*_user_errors(), eval_mod.EvalError) as e:
         raise UsageError(str(e)) from None
     for r in results:

@@ -113,6 +113,9 @@ class RayConfig:
 @dataclasses.dataclass
 class EvalConfig:
     at_end: bool = True  # evaluate (distdeer eval) when training finishes
+    # which checkpoint is evaluated: "latest", or "train" — among the retained ones (checkpoint.keep), the one
+    # whose free run has the lowest D_stsp against the training series (the test data are never looked at)
+    select: str = "latest"
     data: str | None = None  # test series; None: a fresh trajectory of a generated system
     # the data system's largest Lyapunov exponent per time unit, when known (eval.json compares the model's
     # with it); None: the literature value for a generated system (data.system or a generated .zarr)
@@ -143,6 +146,7 @@ CHOICES = {
     "solver.kind": ("deer", "sequential"),
     "solver.jacobian": ("dense", "diagonal"),
     "ray.placement": ("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"),
+    "eval.select": ("latest", "train"),
 }
 POSITIVE = ("data.steps", "data.dt", "model.latent", "model.hidden", "gtf.every", "gtf.decay", "gtf.sample",
             "solver.max_iter", "train.steps", "train.batch", "train.lr", "train.lr_end", "train.log_every",

@@ -7,6 +7,11 @@ exponent (its own free run from the first test point: 1000 transient steps, then
 into the run directory ``eval.json``, ``generated.npy`` (in the test data's units), ``attractor.png``,
 ``spectrum.png`` and ``timeseries.png``.  Several run directories (seeds) evaluated alike are summarised
 by median ± MAD per measure, NaN values and diverged runs (non-finite free run) counted.
+
+Which checkpoint: the latest (default), or with ``eval.select=train`` / ``--select train`` the retained
+checkpoint whose free runs from three training points come closest (worst-case D_stsp) to the *training*
+series — model selection that never sees the test data; ``eval.json["checkpoint"]`` records every
+candidate's numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 
 from distdeer import config as config_mod
 from distdeer import metrics, plots
-from distdeer.data import store, systems
+from distdeer.data import loader, store, systems
 from distdeer.models import Model
 from distdeer.solver import sequential
 from distdeer.train import checkpoint
@@ -33,14 +38,18 @@ SIGMA = 20.0
 N_BINS = 30
 LYAPUNOV_STEPS = 20_000
 LYAPUNOV_TRANSIENT = 1000
+SELECTIONS = ("latest", "train")
+SELECT_MAX_T = 100_000  # training steps a candidate checkpoint is compared with (eval.select=train)
+SELECT_STARTS = 3  # free runs per candidate, from evenly spaced training points
 
 
 class EvalError(ValueError):
     """A run directory or test file that cannot be evaluated."""
 
 
-def load_run(run_dir: str):
-    """(config, model, params, normalisation) of the latest complete checkpoint of a run."""
+def load_run(run_dir: str, step: int | None = None):
+    """(config, model, params, normalisation, step) of a complete checkpoint of a run: ``step``, or the
+    latest when None."""
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
         raise EvalError(f"{run_dir} is not a run directory (no config.yaml)")
@@ -48,17 +57,33 @@ def load_run(run_dir: str):
     with open(os.path.join(run_dir, "normalisation.json")) as f:
         norm = json.load(f)
     mngr = checkpoint.manager(checkpoint.location(cfg), cfg.checkpoint.keep)
-    step = mngr.latest_step()
-    if step is None:
-        raise EvalError(f"{run_dir} has no complete checkpoint to evaluate")
-    model = Model.from_config(cfg.model, len(norm["mean"]))
-    # The abstract target only needs shapes: a tiny series stands in for the data.
-    target = init_state(model, cfg, jnp.zeros((2, len(norm["mean"])), jnp.float32))
-    rows = checkpoint.read_meta(checkpoint.location(cfg), step).get("warm_rows", 1)
-    target = target._replace(warm=jnp.zeros((rows, model.latent), jnp.float32))
-    state, _ = checkpoint.restore(mngr, step, target)
-    mngr.close()
+    try:
+        steps = mngr.all_steps()
+        if not steps:
+            raise EvalError(f"{run_dir} has no complete checkpoint to evaluate")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise EvalError(f"{run_dir} has no checkpoint at step {step} (retained: {sorted(steps)})")
+        model = Model.from_config(cfg.model, len(norm["mean"]))
+        # The abstract target only needs shapes: a tiny series stands in for the data.
+        target = init_state(model, cfg, jnp.zeros((2, len(norm["mean"])), jnp.float32))
+        rows = checkpoint.read_meta(checkpoint.location(cfg), step).get("warm_rows", 1)
+        target = target._replace(warm=jnp.zeros((rows, model.latent), jnp.float32))
+        state, _ = checkpoint.restore(mngr, step, target)
+    finally:
+        mngr.close()
     return cfg, model, state.params, norm, step
+
+
+def retained_steps(run_dir: str) -> list[int]:
+    """The steps of a run's complete checkpoints, ascending (``checkpoint.keep`` bounds how many)."""
+    cfg = config_mod.load(os.path.join(run_dir, "config.yaml"))
+    mngr = checkpoint.manager(checkpoint.location(cfg), cfg.checkpoint.keep)
+    try:
+        return sorted(mngr.all_steps())
+    finally:
+        mngr.close()
 
 
 def test_series(cfg, norm: dict, path: str | None) -> tuple[np.ndarray, str]:
@@ -162,23 +187,87 @@ def headline(res: dict) -> str:
             + (f" (data system {ref:.3f})" if ref is not None else ""))
 
 
-def evaluate(run_dir: str, data: str | None = None, figures: bool = True) -> dict:
-    cfg, model, params, norm, step = load_run(run_dir)
+def protocol_run(model: Model, params, x0, T: int) -> np.ndarray:
+    """The reference protocol's generated series of length T: a free run of 1.25·T steps from the
+    observation ``x0`` with the first 0.25·T dropped (D_stsp depends on sample size: lengths stay equal)."""
+    return free_run(model, params, x0, T + T // 4)[T // 4:]
+
+
+def divergences(x_ref: np.ndarray, gen: np.ndarray) -> dict:
+    """D_stsp (binning for N < 6, the Gaussian-mixture variant otherwise) and D_H (σ = 20) of ``gen``
+    against ``x_ref``, each with its variant and parameters."""
+    if x_ref.shape[1] < 6:
+        stsp = {"value": metrics.state_space_divergence(x_ref, gen, n_bins=N_BINS), "variant": "binning",
+                "n_bins": N_BINS}
+    else:
+        stsp = {"value": metrics.state_space_divergence_gmm(x_ref, gen), "variant": "gmm",
+                "scaling": 1.0, "max_t": 10_000, "mc_samples": 1000, "seed": 0}
+    return {"D_stsp": stsp, "D_H": {"value": metrics.power_spectrum_distance(x_ref, gen, SIGMA), "sigma": SIGMA}}
+
+
+def selection_rank(candidate: dict) -> tuple:
+    """Order of preference among checkpoints: lower worst-case D_stsp over the starts; where that is NaN
+    (some free run left the data's box or diverged) after every finite one, ranked by worst-case D_H;
+    then the later step."""
+    finite = lambda v: v if np.isfinite(v) else float("inf")  # noqa: E731
+    return finite(candidate["D_stsp"]), finite(candidate["D_H"]), -candidate["step"]
+
+
+def training_divergences(model: Model, params, x_train: np.ndarray, starts: int = SELECT_STARTS) -> dict:
+    """D_stsp and D_H against the training series ``x_train`` (T, N) of free runs started at ``starts``
+    evenly spaced training points (the first among them), each the reference protocol's length (1.25·T,
+    the first 0.25·T dropped).  A model with several attractors can reach a good one from one start and a
+    poor one (or none) from another, and the test protocol starts wherever the test series does, so each
+    measure is the worst over the starts (NaN when any run left the box or diverged)."""
+    T = len(x_train)
+    per_start = []
+    for i in range(starts):
+        gen = protocol_run(model, params, x_train[i * T // starts], T)
+        d = divergences(x_train, gen) if np.all(np.isfinite(gen)) else {
+            "D_stsp": {"value": float("nan")}, "D_H": {"value": float("nan")}}
+        per_start.append((d["D_stsp"]["value"], d["D_H"]["value"]))
+    worst = lambda vals: float("nan") if not np.all(np.isfinite(vals)) else float(np.max(vals))  # noqa: E731
+    return {"D_stsp": worst([a for a, _ in per_start]), "D_H": worst([b for _, b in per_start]),
+            "per_start": [{"start": i * T // starts, "D_stsp": a, "D_H": b} for i, (a, b) in enumerate(per_start)]}
+
+
+def select_checkpoint(run_dir: str) -> dict:
+    """Choose among a run's retained checkpoints without looking at the test data: each one is scored by
+    :func:`training_divergences` on the training series (its first ``SELECT_MAX_T`` steps) and the best
+    by :func:`selection_rank` is chosen.  Returns ``{"by", "steps_compared", "starts", "chosen",
+    "candidates"}`` with every candidate's numbers."""
+    cfg = config_mod.load(os.path.join(run_dir, "config.yaml"))
+    try:
+        source = loader.open_source(cfg)
+        x_train = np.asarray(source.rows(0, min(source.shape[0], SELECT_MAX_T)), np.float32)
+    except store.DataError as e:
+        raise EvalError(f"eval.select=train needs the run's training series: {e}") from None
+    candidates = []
+    for step in retained_steps(run_dir):
+        _, model, params, _, _ = load_run(run_dir, step)
+        candidates.append({"step": step, **training_divergences(model, params, x_train)})
+    return {"by": "worst D_stsp over free runs from evenly spaced training points, against the training series",
+            "steps_compared": len(x_train), "starts": SELECT_STARTS,
+            "chosen": min(candidates, key=selection_rank)["step"], "candidates": candidates}
+
+
+def evaluate(run_dir: str, data: str | None = None, figures: bool = True, select: str | None = None) -> dict:
+    """The reference protocol on one run (see the module docstring).  ``select``: which checkpoint —
+    ``latest``, or ``train`` (:func:`select_checkpoint`); None: the run's ``eval.select``."""
+    path = os.path.join(run_dir, "config.yaml")
+    if select is None:
+        select = config_mod.load(path).eval.select if os.path.exists(path) else "latest"
+    if select not in SELECTIONS:
+        raise EvalError(f"unknown checkpoint selection {select!r} (choose from {', '.join(SELECTIONS)})")
+    selection = select_checkpoint(run_dir) if select == "train" else None
+    cfg, model, params, norm, step = load_run(run_dir, selection["chosen"] if selection else None)
     x_test, source = test_series(cfg, norm, data)
     T = len(x_test)
-    drop = T // 4
-    gen = free_run(model, params, x_test[0], T + drop)[drop:]
-    N = x_test.shape[1]
+    gen = protocol_run(model, params, x_test[0], T)
     res = {"run_dir": os.path.abspath(run_dir), "step": step, "test_data": source, "T_test": T,
-           "protocol": {"free_run_steps": T + drop, "dropped": drop, "start": "first test point"},
+           "protocol": {"free_run_steps": T + T // 4, "dropped": T // 4, "start": "first test point"},
            "diverged": not bool(np.all(np.isfinite(gen)))}
-    if N < 6:
-        res["D_stsp"] = {"value": metrics.state_space_divergence(x_test, gen, n_bins=N_BINS),
-                         "variant": "binning", "n_bins": N_BINS}
-    else:
-        res["D_stsp"] = {"value": metrics.state_space_divergence_gmm(x_test, gen), "variant": "gmm",
-                         "scaling": 1.0, "max_t": 10_000, "mc_samples": 1000, "seed": 0}
-    res["D_H"] = {"value": metrics.power_spectrum_distance(x_test, gen, SIGMA), "sigma": SIGMA}
+    res.update(divergences(x_test, gen))
     res["PE"] = {"value": metrics.prediction_error(lambda xs, n: n_step_predictions(model, params, xs, n),
                                                    x_test, PE_STEPS), "n": PE_STEPS, "units": "standardised"}
     lyap = largest_lyapunov(model, params, x_test[0])
@@ -186,6 +275,7 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True) -> dic
     res["lyapunov_max"] = {"per_step": lyap, "per_time_unit": None if dt is None else lyap / dt, "dt": dt,
                            "system_reference_per_time_unit": reference_lyapunov(cfg),
                            "steps": LYAPUNOV_STEPS, "transient": LYAPUNOV_TRANSIENT}
+    res["checkpoint"] = {"select": select, **({"selection": selection} if selection else {})}
     mean, std = np.asarray(norm["mean"]), np.asarray(norm["std"])
     np.save(os.path.join(run_dir, "generated.npy"), (gen * std + mean).astype(np.float32))
     if figures:

@@ -300,6 +300,53 @@ def test_evaluation_at_the_end_and_summary_over_runs(straight, tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 
 
+def test_checkpoint_selection_by_the_training_series(straight, tmp_path):
+    """eval.select=train: every retained checkpoint is scored on the training series (never the test series)
+    and the best is evaluated; --select latest overrides the run's choice."""
+    import shutil
+
+    from distdeer import config, eval as eval_mod, metrics as metrics_mod
+    from distdeer.train import loop
+
+    run = straight[0]
+    copy = tmp_path / "copy"  # eval writes into the copy; its config still names the run's checkpoints
+    shutil.copytree(run, copy)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["eval"]["select"] = "train"
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = cli("eval", str(copy))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ev = json.loads((copy / "eval.json").read_text())
+    sel = ev["checkpoint"]["selection"]
+    steps = eval_mod.retained_steps(str(run))
+    assert [c["step"] for c in sel["candidates"]] == steps and len(steps) == 2
+    # lowest D_stsp; a NaN one (some free run left the data's box: likely for a 60-step model) ranks last,
+    # then D_H, then the later step decide
+    rank = [(np.nan_to_num(c["D_stsp"], nan=np.inf), np.nan_to_num(c["D_H"], nan=np.inf), -c["step"])
+            for c in sel["candidates"]]
+    assert sel["chosen"] == -min(rank)[2]
+    assert ev["step"] == sel["chosen"] and ev["checkpoint"]["select"] == "train"
+    # each candidate's numbers are the worst over free runs from 3 evenly spaced training points
+    x_train, _ = loop.load_series(config.load(str(copy / "config.yaml")))
+    _, model, params, _, _ = eval_mod.load_run(str(copy), sel["chosen"])
+    chosen = next(c for c in sel["candidates"] if c["step"] == sel["chosen"])
+    assert [s["start"] for s in chosen["per_start"]] == [0, 500, 1000]
+    runs = [eval_mod.protocol_run(model, params, x_train[s], 1500) for s in (0, 500, 1000)]
+    worst = lambda v: np.nan if np.isnan(v).any() else max(v)  # noqa: E731
+    assert chosen["D_H"] == pytest.approx(worst([metrics_mod.power_spectrum_distance(x_train, g) for g in runs]),
+                                          nan_ok=True)
+    assert chosen["D_stsp"] == pytest.approx(worst([metrics_mod.state_space_divergence(x_train, g) for g in runs]),
+                                             nan_ok=True)
+    assert sel["steps_compared"] == len(x_train) == 1500
+
+    latest = cli("eval", str(copy), "--select", "latest")
+    assert latest.returncode == 0, latest.stderr[-2000:]
+    ev = json.loads((copy / "eval.json").read_text())
+    assert ev["step"] == max(steps) and ev["checkpoint"] == {"select": "latest"}
+    bad = cli("eval", str(copy), "--select", "best")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
 def test_sweep_over_seeds_writes_a_summary(tmp_path):
     base = tmp_path / "sw"
     cfg = write_config(tmp_path, base, train__steps=12, data__steps=800)
