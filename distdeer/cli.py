@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     e = commands.add_parser("eval", help="DSR evaluation of one run, or a summary over several (seeds)")
     e.add_argument("run_dirs", nargs="+")
-    e.add_argument("--data", help="test series (.npy/.csv/.zarr); default: a fresh generated trajectory")
+    e.add_argument("--data", help="test series (.npy/.csv/.zarr); default: the run's eval.data, else "
+                   "(generated systems) a fresh trajectory")
     e.add_argument("--select", choices=("latest", "train"), default=None,
                    help="which checkpoint: the latest, or the retained one closest (D_stsp) to the training "
                    "series (default: the run's eval.select)")

@@ -92,7 +92,7 @@ def test_series(cfg, norm: dict, path: str | None) -> tuple[np.ndarray, str]:
     mean, std = np.asarray(norm["mean"]), np.asarray(norm["std"])
     if path is None:
         if cfg.data.path is not None:
-            raise EvalError("the run trained on a file: pass the test series with --data")
+            raise EvalError("the run trained on a file and sets no eval.data: pass the test series with --data")
         raw = np.asarray(systems.generate(cfg.data.system, cfg.data.steps, cfg.data.dt, 0.0, cfg.data.seed + 1000),
                          np.float64)
         source = f"generated:{cfg.data.system}:seed{cfg.data.seed + 1000}"
@@ -252,16 +252,18 @@ def select_checkpoint(run_dir: str) -> dict:
 
 
 def evaluate(run_dir: str, data: str | None = None, figures: bool = True, select: str | None = None) -> dict:
-    """The reference protocol on one run (see the module docstring).  ``select``: which checkpoint —
-    ``latest``, or ``train`` (:func:`select_checkpoint`); None: the run's ``eval.select``."""
-    path = os.path.join(run_dir, "config.yaml")
-    if select is None:
-        select = config_mod.load(path).eval.select if os.path.exists(path) else "latest"
+    """The reference protocol on one run (see the module docstring).  ``data``: the test series; None:
+    the run's ``eval.data``.  ``select``: which checkpoint — ``latest``, or ``train``
+    (:func:`select_checkpoint`); None: the run's ``eval.select``."""
+    cfg, model, params, norm, step = load_run(run_dir)
+    select = cfg.eval.select if select is None else select
     if select not in SELECTIONS:
         raise EvalError(f"unknown checkpoint selection {select!r} (choose from {', '.join(SELECTIONS)})")
+    # The test series is read before the selection (minutes) so that a missing one fails at once.
+    x_test, source = test_series(cfg, norm, cfg.eval.data if data is None else data)
     selection = select_checkpoint(run_dir) if select == "train" else None
-    cfg, model, params, norm, step = load_run(run_dir, selection["chosen"] if selection else None)
-    x_test, source = test_series(cfg, norm, data)
+    if selection is not None and selection["chosen"] != step:
+        _, model, params, _, step = load_run(run_dir, selection["chosen"])
     T = len(x_test)
     gen = protocol_run(model, params, x_test[0], T)
     res = {"run_dir": os.path.abspath(run_dir), "step": step, "test_data": source, "T_test": T,

@@ -339,10 +339,17 @@ def test_checkpoint_selection_by_the_training_series(straight, tmp_path):
                                              nan_ok=True)
     assert sel["steps_compared"] == len(x_train) == 1500
 
+    # without --data the run's eval.data is the test series (here 1000 held-out rows in data units)
+    norm = json.loads((copy / "normalisation.json").read_text())
+    held = tmp_path / "held.npy"
+    np.save(held, x_train[:1000] * np.asarray(norm["std"]) + np.asarray(norm["mean"]))
+    cfg["eval"]["data"] = str(held)
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
     latest = cli("eval", str(copy), "--select", "latest")
     assert latest.returncode == 0, latest.stderr[-2000:]
     ev = json.loads((copy / "eval.json").read_text())
     assert ev["step"] == max(steps) and ev["checkpoint"] == {"select": "latest"}
+    assert ev["test_data"] == os.path.realpath(held) and ev["T_test"] == 1000
     bad = cli("eval", str(copy), "--select", "best")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
