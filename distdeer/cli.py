@@ -44,6 +44,8 @@ def _positive(name):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from distdeer.config import CHOICES
+
     parser = _Parser(prog="distdeer", description="GTF-DEER: recurrent models trained in parallel over time.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     bench = commands.add_parser("bench", help="benchmarks")
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dirs", nargs="+")
     e.add_argument("--data", help="test series (.npy/.csv/.zarr); default: the run's eval.data, else "
                    "(generated systems) a fresh trajectory")
-    e.add_argument("--select", choices=("latest", "train"), default=None,
+    e.add_argument("--select", choices=CHOICES["eval.select"], default=None,
                    help="which checkpoint: the latest, or the retained one closest (D_stsp) to the training "
                    "series (default: the run's eval.select)")
     e.add_argument("--summary", metavar="PATH",

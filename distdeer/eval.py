@@ -38,7 +38,7 @@ SIGMA = 20.0
 N_BINS = 30
 LYAPUNOV_STEPS = 20_000
 LYAPUNOV_TRANSIENT = 1000
-SELECTIONS = ("latest", "train")
+SELECTIONS = config_mod.CHOICES["eval.select"]
 SELECT_MAX_T = 100_000  # training steps a candidate checkpoint is compared with (eval.select=train)
 SELECT_STARTS = 3  # free runs per candidate, from evenly spaced training points
 
@@ -223,9 +223,11 @@ def training_divergences(model: Model, params, x_train: np.ndarray, starts: int 
     per_start = []
     for i in range(starts):
         gen = protocol_run(model, params, x_train[i * T // starts], T)
-        d = divergences(x_train, gen) if np.all(np.isfinite(gen)) else {
-            "D_stsp": {"value": float("nan")}, "D_H": {"value": float("nan")}}
-        per_start.append((d["D_stsp"]["value"], d["D_H"]["value"]))
+        if np.all(np.isfinite(gen)):
+            d = divergences(x_train, gen)
+            per_start.append((d["D_stsp"]["value"], d["D_H"]["value"]))
+        else:  # diverged
+            per_start.append((float("nan"), float("nan")))
     worst = lambda vals: float("nan") if not np.all(np.isfinite(vals)) else float(np.max(vals))  # noqa: E731
     return {"D_stsp": worst([a for a, _ in per_start]), "D_H": worst([b for _, b in per_start]),
             "per_start": [{"start": i * T // starts, "D_stsp": a, "D_H": b} for i, (a, b) in enumerate(per_start)]}
