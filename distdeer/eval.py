@@ -288,8 +288,8 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True, select
         plots.spectrum_figure(metrics.smoothed_spectra(x_test, SIGMA), metrics.smoothed_spectra(gen, SIGMA),
                               os.path.join(run_dir, "spectrum.png"))
         plots.timeseries_figure(x_test, gen, os.path.join(run_dir, "timeseries.png"))
-    with open(os.path.join(run_dir, "eval.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    # Written last and atomically: an eval.json present is a complete evaluation (a sweep reuses it).
+    checkpoint.write_atomic(os.path.join(run_dir, "eval.json"), json.dumps(res, indent=2))
     return res
 
 

@@ -137,6 +137,27 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert "stopped" in out
 
 
+def test_sigterm_during_the_final_evaluation_keeps_the_finished_run(tmp_path):
+    run = tmp_path / "evterm"
+    cfg = write_config(tmp_path, run, train__steps=20, eval__at_end=True)
+    proc = subprocess.Popen([sys.executable, "-m", "distdeer.cli", "train", cfg], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and metrics(run) and metrics(run)[-1]["step"] == 20:
+            break  # training is done; the last checkpoint commits, then the evaluation (seconds) runs
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    assert "evaluation interrupted" in out and "finished at step 20" in out, out[-2000:]
+    assert not (run / "eval.json").exists() and inspect(run)["step"] == 20
+    again = cli("eval", str(run))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((run / "eval.json").read_text())["step"] == 20
+
+
 @pytest.mark.parametrize("setup,args,needle", [
     ("nan", [], "NaN/inf"),
     ("1d", [], "2-D"),

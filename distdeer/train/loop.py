@@ -17,7 +17,8 @@ optimizer state, α, the Newton warm start) or a pure function of (seed, step, d
 bitwise that of an uninterrupted run on the same devices.  ``metrics.jsonl`` is cut back to the
 restored step.  A directory whose config differs in ``model``, ``data``, ``gtf``, ``solver``, ``seed``
 or the training batch geometry is refused.  SIGTERM (``ray job stop``, preemption) finishes the current
-step, saves, and exits 0.
+step, saves, and exits 0; during the evaluation after the last step it abandons the evaluation (no
+eval.json is written) and the run ends as finished.
 """
 
 from __future__ import annotations
@@ -95,20 +96,13 @@ def check_run_dir(cfg: Config) -> bool:
     return True
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def start_run_dir(cfg: Config, info: dict) -> None:
     """Create the run directory: ``config.yaml`` (kept when resuming) and ``normalisation.json``."""
     resuming = check_run_dir(cfg)
     os.makedirs(cfg.run.dir, exist_ok=True)
     if not resuming:
-        _write_atomic(os.path.join(cfg.run.dir, "config.yaml"), config_mod.dump(cfg))
-    _write_atomic(os.path.join(cfg.run.dir, "normalisation.json"), json.dumps(info, indent=1))
+        checkpoint.write_atomic(os.path.join(cfg.run.dir, "config.yaml"), config_mod.dump(cfg))
+    checkpoint.write_atomic(os.path.join(cfg.run.dir, "normalisation.json"), json.dumps(info, indent=1))
 
 
 def _cut_metrics(path: str, step: int) -> None:
@@ -116,7 +110,7 @@ def _cut_metrics(path: str, step: int) -> None:
         return
     with open(path) as f:
         keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    _write_atomic(path, "".join(keep))
+    checkpoint.write_atomic(path, "".join(keep))
 
 
 class Control:
@@ -143,13 +137,21 @@ class Control:
         return self._step, time.monotonic() - self._time
 
 
+class EvaluationInterrupted(Exception):
+    """SIGTERM/SIGINT arrived during the evaluation that follows training."""
+
+
+def _interrupt_evaluation(signum, frame):
+    raise EvaluationInterrupted(signal.Signals(signum).name)
+
+
 @contextlib.contextmanager
-def _signals_stop(control: Control):
-    """SIGTERM/SIGINT → ``control.stop()`` (only the main thread may install handlers)."""
+def _on_signals(handler):
+    """SIGTERM/SIGINT → ``handler`` while the block runs (only the main thread may install handlers)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {sig: signal.signal(sig, control.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
@@ -252,7 +254,7 @@ def run(cfg: Config, control: Control | None = None) -> dict:
     save_s = 0.0
     stopped = False
     log = open(metrics_path, "a") if primary else contextlib.nullcontext()
-    with _signals_stop(control), log, (bar if bar is not None else contextlib.nullcontext()):
+    with _on_signals(control.stop), log, (bar if bar is not None else contextlib.nullcontext()):
         for step in range(start, total):
             state, m = train_step(state, series)
             done = step + 1
@@ -285,16 +287,25 @@ def run(cfg: Config, control: Control | None = None) -> dict:
             if stop:
                 stopped = True
                 break
-    mngr.wait_until_finished()
-    mngr.close()
-    evaluation = None
+        # Still under the handler: a signal while the last save commits must not kill the process.
+        mngr.wait_until_finished()
+        mngr.close()
+    evaluation, eval_interrupted = None, False
     if not stopped and primary:
         plots.loss_figure(metrics_path, os.path.join(run_dir, "loss.png"))
     if not stopped and not multi and wants_eval(cfg):
         from distdeer import eval as eval_mod
 
-        evaluation = eval_mod.evaluate(run_dir, cfg.eval.data)
-    return {"run_dir": run_dir, "step": int(state.step), "stopped": stopped,
+        # Training is complete and checkpointed and eval.json is written last and atomically, so a
+        # signal here abandons the evaluation at once; `distdeer eval` (or a rerun of the sweep) redoes it.
+        try:
+            if control.stop_requested:  # the signal came while the last checkpoint committed
+                raise EvaluationInterrupted("stop requested")
+            with _on_signals(_interrupt_evaluation):
+                evaluation = eval_mod.evaluate(run_dir, cfg.eval.data)
+        except EvaluationInterrupted:
+            eval_interrupted = True
+    return {"run_dir": run_dir, "step": int(state.step), "stopped": stopped, "eval_interrupted": eval_interrupted,
             "params_sha256": checkpoint.params_sha256(state.params), "last": last, "eval": evaluation}
 
 
@@ -307,6 +318,8 @@ def print_outcome(summary: dict) -> None:
         from distdeer import eval as eval_mod
 
         print(f"distdeer: evaluation: {eval_mod.headline(ev)}")
+    if summary.get("eval_interrupted"):
+        print(f"distdeer: evaluation interrupted (signal); `distdeer eval {where}` evaluates the trained run")
     print(f"distdeer: {state} step {summary['step']}; results in {where} "
           f"(attractor.png, spectrum.png, eval.json, loss.png, metrics.jsonl, checkpoints/); "
           f"params sha256 {summary['params_sha256'][:16]}…", flush=True)
