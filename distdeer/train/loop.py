@@ -298,13 +298,13 @@ def run(cfg: Config, control: Control | None = None) -> dict:
 
         # Training is complete and checkpointed and eval.json is written last and atomically, so a
         # signal here abandons the evaluation at once; `distdeer eval` (or a rerun of the sweep) redoes it.
-        try:
-            if control.stop_requested:  # the signal came while the last checkpoint committed
-                raise EvaluationInterrupted("stop requested")
-            with _on_signals(_interrupt_evaluation):
-                evaluation = eval_mod.evaluate(run_dir, cfg.eval.data)
-        except EvaluationInterrupted:
-            eval_interrupted = True
+        eval_interrupted = control.stop_requested  # the signal came while the last checkpoint committed
+        if not eval_interrupted:
+            try:
+                with _on_signals(_interrupt_evaluation):
+                    evaluation = eval_mod.evaluate(run_dir, cfg.eval.data)
+            except EvaluationInterrupted:
+                eval_interrupted = True
     return {"run_dir": run_dir, "step": int(state.step), "stopped": stopped, "eval_interrupted": eval_interrupted,
             "params_sha256": checkpoint.params_sha256(state.params), "last": last, "eval": evaluation}
 
