@@ -415,10 +415,31 @@ def test_parallel_sweep_stops_every_seed_on_sigterm_and_resumes(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "distdeer.cli", "sweep", cfg, "--seeds", "1,2", "--parallel", "2"],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     runs = [tmp_path / "st-seed1", tmp_path / "st-seed2"]
+
+    def seed_pids():
+        """{run dir: pid} of the sweep's training children (their command lines name the run dir)."""
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            pids = [int(p) for p in f.read().split()]
+        found = {}
+        for pid in pids:
+            with open(f"/proc/{pid}/cmdline") as f:
+                args = f.read().split("\0")
+            found.update({r: pid for r in runs if f"run.dir={r}" in args})
+        return found
+
+    # A seed that has trained 5 steps is held (SIGSTOP) until the other has too: on a loaded machine one
+    # seed can otherwise finish all its steps before the other has compiled, and the test would signal a
+    # sweep with one seed already done.
+    held = set()
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if all((r / "metrics.jsonl").exists() and len(metrics(r)) >= 5 for r in runs):
+        ready = {r for r in runs if (r / "metrics.jsonl").exists() and len(metrics(r)) >= 5}
+        if ready == set(runs):
             break
+        pids = seed_pids()
+        for r in ready - held:
+            os.kill(pids[r], signal.SIGSTOP)
+            held.add(r)
         time.sleep(0.05)
     assert proc.poll() is None, "the sweep finished before it could be interrupted"
     # each seed's process runs pinned to its own share of the CPUs
@@ -427,6 +448,9 @@ def test_parallel_sweep_stops_every_seed_on_sigterm_and_resumes(tmp_path):
     cpus = sorted(os.sched_getaffinity(0))
     assert len(shares) == 2 and all(shares) and sorted(sum(shares, [])) == cpus, shares
     assert not set(shares[0]) & set(shares[1])
+    pids = seed_pids()
+    for r in held:
+        os.kill(pids[r], signal.SIGCONT)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
