@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distdeer import config as config_mod
+from distdeer import files
 from distdeer import metrics, plots
 from distdeer.data import loader, store, systems
 from distdeer.models import Model
@@ -289,7 +290,7 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True, select
                               os.path.join(run_dir, "spectrum.png"))
         plots.timeseries_figure(x_test, gen, os.path.join(run_dir, "timeseries.png"))
     # Written last and atomically: an eval.json present is a complete evaluation (a sweep reuses it).
-    checkpoint.write_atomic(os.path.join(run_dir, "eval.json"), json.dumps(res, indent=2))
+    files.write_atomic(os.path.join(run_dir, "eval.json"), json.dumps(res, indent=2))
     return res
 
 

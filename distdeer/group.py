@@ -34,6 +34,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distdeer import config as config_mod
+from distdeer import files
 from distdeer.config import Config
 
 POLL_S = 0.5
@@ -123,10 +124,7 @@ class Supervisor:
     def _write_hosts(self, attempt: int, coordinator: str, where: list[dict]) -> None:
         doc = {"attempt": attempt, "coordinator": coordinator, "updated": _now(), "failures": self.failures,
                "hosts": [{"rank": r, **w} for r, w in enumerate(where)]}
-        tmp = os.path.join(self.run_dir, "hosts.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, os.path.join(self.run_dir, "hosts.json"))
+        files.write_atomic(os.path.join(self.run_dir, "hosts.json"), json.dumps(doc, indent=1))
 
     # -- one attempt ---------------------------------------------------------------------------------
     def _bundle(self) -> tuple[dict, dict]:

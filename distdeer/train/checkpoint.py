@@ -16,15 +16,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader (or a crash) sees the old file or the new one, never a
-    part: written beside it, then renamed over it."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 class CheckpointError(ValueError):
     """A checkpoint that exists but cannot be restored."""
 

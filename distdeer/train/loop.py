@@ -37,6 +37,7 @@ import numpy as np
 
 from distdeer import config as config_mod
 from distdeer import distributed
+from distdeer import files
 from distdeer import mesh as mesh_mod
 from distdeer import plots
 from distdeer.config import Config, ConfigError
@@ -101,8 +102,8 @@ def start_run_dir(cfg: Config, info: dict) -> None:
     resuming = check_run_dir(cfg)
     os.makedirs(cfg.run.dir, exist_ok=True)
     if not resuming:
-        checkpoint.write_atomic(os.path.join(cfg.run.dir, "config.yaml"), config_mod.dump(cfg))
-    checkpoint.write_atomic(os.path.join(cfg.run.dir, "normalisation.json"), json.dumps(info, indent=1))
+        files.write_atomic(os.path.join(cfg.run.dir, "config.yaml"), config_mod.dump(cfg))
+    files.write_atomic(os.path.join(cfg.run.dir, "normalisation.json"), json.dumps(info, indent=1))
 
 
 def _cut_metrics(path: str, step: int) -> None:
@@ -110,7 +111,7 @@ def _cut_metrics(path: str, step: int) -> None:
         return
     with open(path) as f:
         keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    checkpoint.write_atomic(path, "".join(keep))
+    files.write_atomic(path, "".join(keep))
 
 
 class Control:
