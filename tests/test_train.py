@@ -441,7 +441,7 @@ def test_parallel_sweep_stops_every_seed_on_sigterm_and_resumes(tmp_path):
             os.kill(pids[r], signal.SIGSTOP)
             held.add(r)
         time.sleep(0.05)
-    assert proc.poll() is None, "the sweep finished before it could be interrupted"
+    assert proc.poll() is None, "the sweep finished before it could be interrupted:\n" + proc.communicate()[0][-3000:]
     # each seed's process runs pinned to its own share of the CPUs
     with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
         shares = [sorted(os.sched_getaffinity(int(pid))) for pid in f.read().split()]

@@ -146,7 +146,7 @@ def make_train_step(model: Model, cfg: Config, mesh=None, length: int | None = N
     def train_step(state: TrainState, series: jax.Array):
         (loss, (mse, sol, zt)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.alpha, series, state.warm, state.step)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(grad_norm) & jnp.all(sol.converged)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
