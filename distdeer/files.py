@@ -1,6 +1,7 @@
 """Whole-file writes that a crash cannot leave half done.
 
-Kept free of jax/orbax imports: the Ray driver (``distdeer.group``) writes its files with it too.
+Standard library only, so that every writer of a run directory uses it — the training loop, the
+evaluation, and the Ray driver (``distdeer.group``), which must not import Orbax.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ def write_atomic(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    try:  # best effort: some network and FUSE file systems refuse fsync on a directory
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
