@@ -6,6 +6,7 @@ evaluation, and the Ray driver (``distdeer.group``), which must not import Orbax
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 
@@ -25,11 +26,9 @@ def write_atomic(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    try:  # best effort: some network and FUSE file systems refuse fsync on a directory
+    with contextlib.suppress(OSError):  # best effort: some network and FUSE file systems refuse this
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError:
-        pass

@@ -443,12 +443,11 @@ def test_parallel_sweep_stops_every_seed_on_sigterm_and_resumes(tmp_path):
         time.sleep(0.05)
     assert proc.poll() is None, "the sweep finished before it could be interrupted:\n" + proc.communicate()[0][-3000:]
     # each seed's process runs pinned to its own share of the CPUs
-    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-        shares = [sorted(os.sched_getaffinity(int(pid))) for pid in f.read().split()]
+    pids = seed_pids()
+    shares = [sorted(os.sched_getaffinity(pid)) for pid in pids.values()]
     cpus = sorted(os.sched_getaffinity(0))
     assert len(shares) == 2 and all(shares) and sorted(sum(shares, [])) == cpus, shares
     assert not set(shares[0]) & set(shares[1])
-    pids = seed_pids()
     for r in held:
         os.kill(pids[r], signal.SIGCONT)
     proc.send_signal(signal.SIGTERM)
