@@ -78,6 +78,7 @@ class TrainConfig:
     steps: int = 2000
     seq_len: int | None = None  # None: the whole series (sharded over "time"); else windows of this length
     batch: int = 16  # windows per step (window mode)
+    carry: bool = False  # window mode: streams of consecutive windows, each starting from the last one's end state
     lr: float = 1e-3
     lr_end: float = 1e-6  # exponential decay from lr to lr_end over `steps`
     clip: float = 10.0  # global-norm clipping; 0 disables
@@ -248,6 +249,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.nonlinear ({cfg.model.nonlinear}) exceeds model.latent ({cfg.model.latent})")
     if cfg.train.seq_len is not None and cfg.train.seq_len < 2:
         raise ConfigError(f"train.seq_len: must be >= 2 or null (whole series), got {cfg.train.seq_len}")
+    if cfg.train.carry and cfg.train.seq_len is None:
+        raise ConfigError("train.carry: carried windows need train.seq_len (a window length)")
     if cfg.data.path is None and cfg.data.dt is None:
         cfg.data.dt = GENERATOR_DT
     return cfg

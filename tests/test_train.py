@@ -262,10 +262,11 @@ def test_the_sampling_interval_is_known_where_it_can_be(tmp_path):
     assert "λ_max 0.0123 per step" in eval_mod.headline(res)
 
 
-def test_window_mode_trains_and_resumes_bitwise(tmp_path):
-    """Batches of windows (train.seq_len) drawn from (seed, step): a killed and resumed run equals the
-    uninterrupted one."""
-    changes = dict(train__seq_len=50, train__batch=4, train__steps=40, checkpoint__every=5)
+@pytest.mark.parametrize("carry", [False, True], ids=["drawn", "carried"])
+def test_window_mode_trains_and_resumes_bitwise(tmp_path, carry):
+    """Batches of windows (train.seq_len) drawn from (seed, step), or carried windows whose streams'
+    end states live in the checkpoint: a killed and resumed run equals the uninterrupted one."""
+    changes = dict(train__seq_len=50, train__batch=4, train__steps=40, checkpoint__every=5, train__carry=carry)
     a, b = tmp_path / "wa", tmp_path / "wb"
     proc = cli("train", write_config(tmp_path, a, **changes))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -275,6 +276,57 @@ def test_window_mode_trains_and_resumes_bitwise(tmp_path):
     start_and_kill(cfg_b, b, at_step=12)
     assert cli("train", cfg_b).returncode == 0
     assert inspect(b)["params_sha256"] == inspect(a)["params_sha256"]
+
+
+def test_carried_windows_follow_a_plain_forced_recurrence():
+    """train.carry: each step's windows start where their stream's previous window ended (or from
+    initial_state at row 0), checked against a plain Python GTF recurrence over the same rows with the
+    parameters and α each step used — through a wrap of every stream (n = 4 windows per pass)."""
+    import jax
+    import jax.numpy as jnp
+
+    from distdeer import config as config_mod
+    from distdeer.models import Model
+    from distdeer.train.step import init_state, make_train_step
+
+    cfg = config_mod.load(None, ["model.kind=clipped_shplrnn", "model.latent=5", "model.hidden=8",
+                                 "model.readout=identity", "train.seq_len=10", "train.batch=2",
+                                 "train.carry=true", "train.steps=10", "gtf.mode=constant", "gtf.alpha=0.3",
+                                 "train.lr=1e-2", "train.lr_end=1e-3", "train.lambda_lat=0", "solver.kind=sequential"])
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((41, 3)), jnp.float32)  # n = (41 - 1) // 10 = 4
+    model = Model.from_config(cfg.model, 3)
+    state = init_state(model, cfg, None)
+    assert state.warm.shape == (2, 5)
+    step = jax.jit(make_train_step(model, cfg, length=41))
+    p = np.asarray(model.forced_mask())
+    ends = [None, None]
+    for k in range(6):
+        params, alpha = state.params, float(state.alpha)
+        sq = []
+        for b, offset in enumerate((0, 2)):  # ⌊b·n/B⌋ for B = 2, n = 4
+            j = (k + offset) % 4
+            xs = x[10 * j: 10 * j + 11]
+            zhat = np.asarray(model.forcing(params, xs))
+            z = np.asarray(model.initial_state(params, xs[0])) if (j == 0 or k == 0) else ends[b]
+            states = []
+            for t in range(10):
+                zt = z - alpha * p * (z - zhat[t])  # the GTF forced state, written out
+                z = np.asarray(model.F(params["F"], jnp.asarray(zt)))
+                states.append(z)
+            ends[b] = z
+            sq.append((np.asarray(model.observe(params, jnp.asarray(np.stack(states)))) - np.asarray(xs[1:])) ** 2)
+        state, m = step(state, x)
+        np.testing.assert_allclose(np.asarray(state.warm), np.stack(ends), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(float(m.mse), np.mean(sq), rtol=1e-4)
+    # the carry is what differs from drawn windows: restarting every window from initial_state would not match
+    assert not np.allclose(np.asarray(model.initial_state(params, x[20])), ends[0], atol=1e-3)
+
+
+def test_carried_windows_need_a_window_length(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", write_config(tmp_path, run, train__carry=True)]) == 2
+    err = capsys.readouterr().err
+    assert "train.carry" in err and err.count("\n") == 1 and not run.exists()
 
 
 def test_time_sharded_training_matches_one_device(tmp_path):

@@ -5,7 +5,14 @@ Two modes, chosen by ``train.seq_len``:
 * whole series (``null``): one sequence of length T, time-sharded over the mesh's ``"time"`` axis;
   Newton is warm-started from the previous step's solution (kept in the state, unpadded);
 * windows: ``train.batch`` windows of ``seq_len`` steps at start indices drawn from ``fold_in(seed,
-  step)``, solved as a batch (``deer_batch``; sharded over a ``"data"`` axis), warm-started from the data.
+  step)``, solved as a batch (``deer_batch``; sharded over a ``"data"`` axis), warm-started from the data;
+* carried windows (``train.carry``, truncated BPTT): ``train.batch`` streams walk through the series one
+  window of S = ``seq_len`` steps per update — stream b's window at step k starts at row
+  ``S · ((k + ⌊b·n/B⌋) mod n)``, n = ⌊(T − 1)/S⌋ — and each window starts from the state its stream's
+  previous window ended in (``z_S`` of the forced run, kept in the state, no gradient through it) instead
+  of ``model.initial_state(x_0)``.  So units the data never forces carry what the data drove them to
+  across window boundaries, as in a whole-series run; a stream restarts from ``initial_state`` at row 0
+  (each pass through the series), at step 0 and when its carried state is not finite.
 
 Adaptive GTF (DESIGN §2.2): every ``gtf.every`` steps, 𝒩 is estimated from the model Jacobians
 ``J_F(z̃_t)`` along the forced trajectory; ``α_est = max(0, 1 − 1/𝒩)``; α jumps up to ``α_est`` at once
@@ -32,7 +39,7 @@ class TrainState(NamedTuple):
     params: Any
     opt_state: Any
     alpha: jax.Array  # float32 scalar: current GTF forcing strength
-    warm: jax.Array  # (T, M) Newton warm start (whole-series mode) or an unused (1, M)
+    warm: jax.Array  # (T, M) Newton warm start (whole series), (B, M) carried states (carried windows), or an unused (1, M)
     step: jax.Array  # int32: completed updates
 
 
@@ -69,6 +76,8 @@ def init_state(model: Model, cfg: Config, series: jax.Array | None) -> TrainStat
     params = model.init(jax.random.PRNGKey(cfg.seed))
     if cfg.train.seq_len is None and series is not None:
         warm = model.forcing(params, jnp.asarray(series))[1:]
+    elif cfg.train.carry:
+        warm = jnp.zeros((cfg.train.batch, model.latent), jnp.float32)  # replaced by initial_state at step 0
     else:
         warm = jnp.zeros((1, model.latent), jnp.float32)  # unused placeholder (Orbax stores no empty arrays)
     alpha = cfg.gtf.alpha
@@ -117,9 +126,12 @@ def make_train_step(model: Model, cfg: Config, mesh=None, length: int | None = N
         zprev = jnp.concatenate([z0[None], sol.states[:-1]])
         return jnp.mean((pred - x[1:]) ** 2), sol, forced(alpha).forced_state(zprev, zhat[:-1])
 
-    def windows_loss(params, alpha, xw):
+    def windows_loss(params, alpha, xw, carried=None):
+        """xw: (B, S+1, N); ``carried``: None, or (B, M) states to start from where finite."""
         zhat = jax.vmap(model.forcing, in_axes=(None, 0))(params, xw)
         z0 = jax.vmap(model.initial_state, in_axes=(None, 0))(params, xw[:, 0])
+        if carried is not None:
+            z0 = jnp.where(jnp.all(jnp.isfinite(carried), axis=-1, keepdims=True), carried, z0)
         if cfg.solver.kind == "sequential":
             sol = jax.vmap(solve, in_axes=(None, None, 0, 0, 0))(alpha, params["F"], z0, zhat[:, :-1], zhat[:, 1:])
         else:
@@ -135,6 +147,14 @@ def make_train_step(model: Model, cfg: Config, mesh=None, length: int | None = N
             series = series[:length]
         if whole:
             mse, sol, zt = one_sequence(params, alpha, series, warm)
+        elif cfg.train.carry:
+            S, B = cfg.train.seq_len, cfg.train.batch
+            n = (series.shape[0] - 1) // S
+            j = (step + jnp.arange(B) * n // B) % n
+            xw = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(series, s, S + 1))(j * S)
+            restart = (j == 0) | (step == 0)
+            carried = jnp.where(restart[:, None], jnp.nan, jax.lax.stop_gradient(warm))
+            mse, sol, zt = windows_loss(params, alpha, xw, carried)
         else:
             S = cfg.train.seq_len
             key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
@@ -159,7 +179,12 @@ def make_train_step(model: Model, cfg: Config, mesh=None, length: int | None = N
         if cfg.gtf.mode == "adaptive":
             proposed = jnp.where(estimate > alpha, estimate, g * alpha + (1 - g) * estimate)
             alpha = jnp.where(state.step % cfg.gtf.every == 0, proposed, alpha).astype(jnp.float32)
-        warm = jnp.where(ok, sol.states, state.warm) if whole else state.warm
+        if whole:
+            warm = jnp.where(ok, sol.states, state.warm)
+        elif cfg.train.carry:  # a non-finite end state restarts its stream (windows_loss)
+            warm = jax.lax.stop_gradient(sol.states[:, -1])
+        else:
+            warm = state.warm
         metrics = StepMetrics(loss, mse, state.alpha, estimate, jnp.max(sol.iterations),
                               jnp.max(sol.residual), jnp.all(sol.converged), jnp.max(sol.result),
                               lr(state.step), grad_norm)
