@@ -322,11 +322,42 @@ def test_carried_windows_follow_a_plain_forced_recurrence():
     assert not np.allclose(np.asarray(model.initial_state(params, x[20])), ends[0], atol=1e-3)
 
 
+def test_the_state_fingerprint_covers_carried_states_only_when_they_are_carried():
+    """Resume checks state_sha256: with carried windows the streams' end states decide the next step, so
+    they are in it; a Newton warm start is not (it changes iterations, not the solution)."""
+    from distdeer import config as config_mod
+    from distdeer.models import Model
+    from distdeer.train.checkpoint import state_sha256
+    from distdeer.train.step import init_state
+
+    cfg = config_mod.load(None, ["model.latent=3", "model.hidden=4", "train.seq_len=10", "train.carry=true"])
+    state = init_state(Model.from_config(cfg.model, 3), cfg, None)
+    moved = state._replace(warm=state.warm + 1.0)
+    assert state_sha256(state, carried=True) != state_sha256(moved, carried=True)
+    assert state_sha256(state) == state_sha256(moved)
+
+
 def test_carried_windows_need_a_window_length(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", write_config(tmp_path, run, train__carry=True)]) == 2
     err = capsys.readouterr().err
     assert "train.carry" in err and err.count("\n") == 1 and not run.exists()
+
+
+def test_carried_windows_on_two_devices_match_one_device(tmp_path):
+    """Carried windows split over a 2-device "data" axis (GTF-DEER batch solve) follow the 1-device run:
+    the streams' end states are carried the same way whichever device solved their windows."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    changes = dict(train__seq_len=40, train__batch=4, train__carry=True, train__steps=15, data__steps=401)
+    assert cli("train", write_config(tmp_path, one, **changes, mesh__devices=1)).returncode == 0
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-m", "distdeer.cli", "train",
+                           write_config(tmp_path, two, **changes, mesh__devices=2)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = metrics(one), metrics(two)
+    assert len(a) == len(b) == 15
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=2e-3)
 
 
 def test_time_sharded_training_matches_one_device(tmp_path):

@@ -35,12 +35,16 @@ def params_sha256(params) -> str:
     return h.hexdigest()
 
 
-def state_sha256(state) -> str:
-    """Fingerprint of everything a resumed step depends on except the Newton warm start: parameters,
-    optimizer state, α and the step.  Saved in the metadata and checked on every restore — also
-    when the restore lands on another device count (elastic resume), where it must be bitwise equal."""
-    return params_sha256({"params": state.params, "opt_state": state.opt_state, "alpha": state.alpha,
-                          "step": state.step})
+def state_sha256(state, carried: bool = False) -> str:
+    """Fingerprint of everything a resumed step depends on: parameters, optimizer state, α, the step and,
+    with carried windows (``carried``), the streams' end states in ``state.warm``.  A Newton warm start is
+    left out: it changes the iterations, not the solution, and it is T·M floats.  Saved in the metadata
+    and checked on every restore — also when the restore lands on another device count (elastic
+    resume), where it must be bitwise equal."""
+    tree = {"params": state.params, "opt_state": state.opt_state, "alpha": state.alpha, "step": state.step}
+    if carried:
+        tree["carried"] = state.warm
+    return params_sha256(tree)
 
 
 def location(cfg) -> str:

@@ -13,12 +13,12 @@ Run directory::
 
 Resume rules (all here): the same command on the same directory restores the latest *complete*
 checkpoint and continues; state that influences the next step is either checkpointed (params,
-optimizer state, α, the Newton warm start) or a pure function of (seed, step, data), so the result is
-bitwise that of an uninterrupted run on the same devices.  ``metrics.jsonl`` is cut back to the
-restored step.  A directory whose config differs in ``model``, ``data``, ``gtf``, ``solver``, ``seed``
-or the training batch geometry is refused.  SIGTERM (``ray job stop``, preemption) finishes the current
-step, saves, and exits 0; during the evaluation after the last step it abandons the evaluation (no
-eval.json is written) and the run ends as finished.
+optimizer state, α, the Newton warm start or the carried windows' end states) or a pure function of
+(seed, step, data), so the result is bitwise that of an uninterrupted run on the same devices.
+``metrics.jsonl`` is cut back to the restored step.  A directory whose config differs in ``model``,
+``data``, ``gtf``, ``solver``, ``seed`` or the training batch geometry is refused.  SIGTERM (``ray job
+stop``, preemption) finishes the current step, saves, and exits 0; during the evaluation after the last
+step it abandons the evaluation (no eval.json is written) and the run ends as finished.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def run(cfg: Config, control: Control | None = None) -> dict:
     latest = mngr.latest_step()
     if latest is not None:
         state, meta = checkpoint.restore(mngr, latest, state)
-        if "state_sha256" in meta and checkpoint.state_sha256(state) != meta["state_sha256"]:
+        if "state_sha256" in meta and checkpoint.state_sha256(state, cfg.train.carry) != meta["state_sha256"]:
             raise checkpoint.CheckpointError(f"checkpoint {latest} in {checkpoint.location(cfg)} restored to a state "
                                              "that differs from the one saved (state_sha256 mismatch)")
         if primary:
@@ -281,7 +281,7 @@ def run(cfg: Config, control: Control | None = None) -> dict:
             if done % cfg.checkpoint.every == 0 or done == total or stop:
                 t_save = time.perf_counter()
                 checkpoint.save(mngr, done, state, {"step": done, "params_sha256": checkpoint.params_sha256(state.params),
-                                                    "state_sha256": checkpoint.state_sha256(state),
+                                                    "state_sha256": checkpoint.state_sha256(state, cfg.train.carry),
                                                     "loss": last.get("loss"), "warm_rows": int(state.warm.shape[0]),
                                                     "devices": len(jax.devices()), "processes": jax.process_count()})
                 save_s += time.perf_counter() - t_save  # the blocking part; Orbax writes in the background

@@ -39,7 +39,7 @@ class TrainState(NamedTuple):
     params: Any
     opt_state: Any
     alpha: jax.Array  # float32 scalar: current GTF forcing strength
-    warm: jax.Array  # (T, M) Newton warm start (whole series), (B, M) carried states (carried windows), or an unused (1, M)
+    warm: jax.Array  # (T, M) Newton warm start (whole series), (B, M) end states (carried windows) or unused (1, M)
     step: jax.Array  # int32: completed updates
 
 
