@@ -52,6 +52,13 @@ def metrics(run_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def cli_on_devices(devices, *args, timeout=600):
+    """The CLI in a subprocess that sees ``devices`` simulated CPU devices."""
+    env = dict(ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run([sys.executable, "-m", "distdeer.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
 def start_and_kill(cfg, run_dir, at_step, sig=signal.SIGKILL):
     proc = subprocess.Popen([sys.executable, "-m", "distdeer.cli", "train", cfg], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -350,10 +357,7 @@ def test_carried_windows_on_two_devices_match_one_device(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     changes = dict(train__seq_len=40, train__batch=4, train__carry=True, train__steps=15, data__steps=401)
     assert cli("train", write_config(tmp_path, one, **changes, mesh__devices=1)).returncode == 0
-    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    proc = subprocess.run([sys.executable, "-m", "distdeer.cli", "train",
-                           write_config(tmp_path, two, **changes, mesh__devices=2)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = cli_on_devices(2, "train", write_config(tmp_path, two, **changes, mesh__devices=2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = metrics(one), metrics(two)
     assert len(a) == len(b) == 15
@@ -366,18 +370,13 @@ def test_time_sharded_training_matches_one_device(tmp_path):
     one, three = tmp_path / "one", tmp_path / "three"
     changes = dict(train__steps=25, data__steps=1001)
     assert cli("train", write_config(tmp_path, one, **changes, mesh__devices=1)).returncode == 0
-    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=3")
-    proc = subprocess.run([sys.executable, "-m", "distdeer.cli", "train",
-                           write_config(tmp_path, three, **changes, mesh__devices=3)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = cli_on_devices(3, "train", write_config(tmp_path, three, **changes, mesh__devices=3))
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = metrics(one), metrics(three)
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=2e-3)
     # too few steps for the devices: one line, exit 2, nothing written
     short = tmp_path / "short"
-    proc = subprocess.run([sys.executable, "-m", "distdeer.cli", "train",
-                           write_config(tmp_path, short, data__steps=3, mesh__devices=3)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = cli_on_devices(3, "train", write_config(tmp_path, short, data__steps=3, mesh__devices=3))
     assert proc.returncode == 2 and "shorter than the 3 devices" in proc.stderr
     assert proc.stderr.count("\n") == 1 and not short.exists()
 
