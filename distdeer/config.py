@@ -79,6 +79,7 @@ class TrainConfig:
     seq_len: int | None = None  # None: the whole series (sharded over "time"); else windows of this length
     batch: int = 16  # windows per step (window mode)
     carry: bool = False  # window mode: streams of consecutive windows, each starting from the last one's end state
+    noise: float = 0.0  # sd of Gaussian noise on the forcing observations (standardised units); targets stay clean
     lr: float = 1e-3
     lr_end: float = 1e-6  # exponential decay from lr to lr_end over `steps`
     clip: float = 10.0  # global-norm clipping; 0 disables
@@ -153,7 +154,7 @@ POSITIVE = ("data.steps", "data.dt", "model.latent", "model.hidden", "gtf.every"
             "solver.max_iter", "train.steps", "train.batch", "train.lr", "train.lr_end", "train.log_every",
             "checkpoint.every", "checkpoint.keep", "train.seq_len", "mesh.devices",
             "mesh.hosts", "mesh.devices_per_host", "ray.watchdog_s", "ray.startup_s", "ray.cpus_per_host")
-NON_NEGATIVE = ("data.noise", "model.nonlinear", "train.clip", "train.lambda_lat", "ray.max_failures")
+NON_NEGATIVE = ("data.noise", "model.nonlinear", "train.clip", "train.lambda_lat", "train.noise", "ray.max_failures")
 
 
 def _check_type(key: str, value: Any, tp) -> Any:

@@ -329,6 +329,57 @@ def test_carried_windows_follow_a_plain_forced_recurrence():
     assert not np.allclose(np.asarray(model.initial_state(params, x[20])), ends[0], atol=1e-3)
 
 
+@pytest.mark.parametrize("mode", ["windows", "whole"])
+def test_noise_perturbs_the_forcing_not_the_targets(mode):
+    """train.noise = σ: the forcing observations (teacher signal and initial state) are x + σ ε with ε
+    from fold_in(fold_in(seed, step), 1), the loss targets stay x — checked against a plain Python GTF
+    recurrence, for drawn windows (GTF-BPTT) and for the whole series (GTF-DEER)."""
+    import jax
+    import jax.numpy as jnp
+
+    from distdeer import config as config_mod
+    from distdeer.models import Model
+    from distdeer.train.step import init_state, make_train_step
+
+    S, T, sigma = 10, 41, 0.3
+    opts = ["seed=3", "model.kind=clipped_shplrnn", "model.latent=5", "model.hidden=8", "model.readout=identity",
+            "gtf.mode=constant", "gtf.alpha=0.3", "train.lambda_lat=0", f"train.noise={sigma}"]
+    opts += [f"train.seq_len={S}", "train.batch=2", "solver.kind=sequential"] if mode == "windows" else []
+    cfg = config_mod.load(None, opts)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((T, 3)), jnp.float32)
+    model = Model.from_config(cfg.model, 3)
+    state = init_state(model, cfg, x)
+    step = jax.jit(make_train_step(model, cfg, length=T))
+    p = np.asarray(model.forced_mask())
+
+    def reference_mse(params, alpha, k, clean):
+        if mode == "windows":
+            starts = jax.random.randint(jax.random.fold_in(jax.random.PRNGKey(3), k), (2,), 0, T - S)
+            xs = np.stack([np.asarray(x[s: s + S + 1]) for s in np.asarray(starts)])
+        else:
+            xs = np.asarray(x)[None]
+        eps = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(3), k), 1),
+                                           (xs.shape[1:] if mode == "whole" else xs.shape)))
+        xf = xs if clean else xs + sigma * eps.reshape(xs.shape)
+        sq = []
+        for xw, xfw in zip(xs, xf):
+            zhat = np.asarray(model.forcing(params, jnp.asarray(xfw, jnp.float32)))
+            z = np.asarray(model.initial_state(params, jnp.asarray(xfw[0], jnp.float32)))
+            states = []
+            for t in range(len(xw) - 1):
+                z = np.asarray(model.F(params["F"], jnp.asarray(z - alpha * p * (z - zhat[t]), jnp.float32)))
+                states.append(z)
+            sq.append((np.asarray(model.observe(params, jnp.asarray(np.stack(states)))) - xw[1:]) ** 2)
+        return np.mean(sq)
+
+    for k in range(3):
+        params, alpha = state.params, float(state.alpha)
+        state, m = step(state, x)
+        np.testing.assert_allclose(float(m.mse), reference_mse(params, alpha, k, clean=False), rtol=2e-4)
+        # the noise is what differs: the clean forcing gives another loss
+        assert abs(float(m.mse) - reference_mse(params, alpha, k, clean=True)) > 1e-3 * float(m.mse)
+
+
 def test_the_state_fingerprint_covers_carried_states_only_when_they_are_carried():
     """Resume checks state_sha256: with carried windows the streams' end states decide the next step, so
     they are in it; a Newton warm start is not (it changes iterations, not the solution)."""

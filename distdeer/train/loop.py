@@ -47,7 +47,7 @@ from distdeer.train import checkpoint
 from distdeer.train.step import TrainState, init_state, make_train_step
 
 IDENTITY_SECTIONS = ("seed", "data", "model", "gtf", "solver")
-IDENTITY_TRAIN_KEYS = ("seq_len", "batch", "carry", "lambda_lat", "lr", "lr_end", "clip", "steps")
+IDENTITY_TRAIN_KEYS = ("seq_len", "batch", "carry", "noise", "lambda_lat", "lr", "lr_end", "clip", "steps")
 
 
 def enable_compilation_cache() -> None:

@@ -14,6 +14,12 @@ Two modes, chosen by ``train.seq_len``:
   across window boundaries, as in a whole-series run; a stream restarts from ``initial_state`` at row 0
   (each pass through the series), at step 0 and when its carried state is not finite.
 
+Noise injection (``train.noise`` = σ > 0, any mode): the observations that *force* the model — the GTF
+teacher signal ẑ_t = forcing(x_t + σ ε_t) and the initial state from x_0 + σ ε_0, ε ~ N(0, I) drawn afresh
+every step from ``fold_in(fold_in(seed, step), 1)`` — are perturbed, the loss targets x_{t+1} are not.  The
+series is standardised, so σ is in units of each dimension's standard deviation.  The model is trained to
+map states a little off the data back onto it, which its free runs need (docs/results.md, ECG).
+
 Adaptive GTF (DESIGN §2.2): every ``gtf.every`` steps, 𝒩 is estimated from the model Jacobians
 ``J_F(z̃_t)`` along the forced trajectory; ``α_est = max(0, 1 − 1/𝒩)``; α jumps up to ``α_est`` at once
 and otherwise decays towards it, ``α ← γ α + (1 − γ) α_est``, with ``γ = exp(−every / (decay · steps))``
@@ -117,19 +123,27 @@ def make_train_step(model: Model, cfg: Config, mesh=None, length: int | None = N
             return Solution(states, jnp.int32(0), jnp.bool_(True), jnp.float32(0.0), jnp.int32(Result.SUCCESS))
         return deer(forced(alpha), F_params, z0, xs, init=warm, mesh=mesh, **solver_kw)
 
-    def one_sequence(params, alpha, x, warm):
-        """x: (S+1, N) → (mse, Solution, forced states z̃ (S, M))."""
-        zhat = model.forcing(params, x)
-        z0 = model.initial_state(params, x[0])
+    def noisy(x, step):
+        """The forcing observations: x, or x + σ ε with σ = ``train.noise`` (module docstring)."""
+        if cfg.train.noise == 0:
+            return x
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step), 1)
+        return x + cfg.train.noise * jax.random.normal(key, x.shape, x.dtype)
+
+    def one_sequence(params, alpha, x, xf, warm):
+        """x: (S+1, N) targets, xf: (S+1, N) forcing observations → (mse, Solution, forced states z̃ (S, M))."""
+        zhat = model.forcing(params, xf)
+        z0 = model.initial_state(params, xf[0])
         sol = solve(alpha, params["F"], z0, zhat[:-1], warm)
         pred = model.observe(params, sol.states)
         zprev = jnp.concatenate([z0[None], sol.states[:-1]])
         return jnp.mean((pred - x[1:]) ** 2), sol, forced(alpha).forced_state(zprev, zhat[:-1])
 
-    def windows_loss(params, alpha, xw, carried=None):
-        """xw: (B, S+1, N); ``carried``: None, or (B, M) states to start from where finite."""
-        zhat = jax.vmap(model.forcing, in_axes=(None, 0))(params, xw)
-        z0 = jax.vmap(model.initial_state, in_axes=(None, 0))(params, xw[:, 0])
+    def windows_loss(params, alpha, xw, xf, carried=None):
+        """xw: (B, S+1, N) targets, xf: the same shape, forcing observations; ``carried``: None, or (B, M)
+        states to start from where finite."""
+        zhat = jax.vmap(model.forcing, in_axes=(None, 0))(params, xf)
+        z0 = jax.vmap(model.initial_state, in_axes=(None, 0))(params, xf[:, 0])
         if carried is not None:
             z0 = jnp.where(jnp.all(jnp.isfinite(carried), axis=-1, keepdims=True), carried, z0)
         if cfg.solver.kind == "sequential":
@@ -146,7 +160,7 @@ def make_train_step(model: Model, cfg: Config, mesh=None, length: int | None = N
         if length is not None and series.shape[0] != length:
             series = series[:length]
         if whole:
-            mse, sol, zt = one_sequence(params, alpha, series, warm)
+            mse, sol, zt = one_sequence(params, alpha, series, noisy(series, step), warm)
         elif cfg.train.carry:
             S, B = cfg.train.seq_len, cfg.train.batch
             n = (series.shape[0] - 1) // S
@@ -154,13 +168,13 @@ def make_train_step(model: Model, cfg: Config, mesh=None, length: int | None = N
             xw = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(series, s, S + 1))(j * S)
             restart = (j == 0) | (step == 0)
             carried = jnp.where(restart[:, None], jnp.nan, jax.lax.stop_gradient(warm))
-            mse, sol, zt = windows_loss(params, alpha, xw, carried)
+            mse, sol, zt = windows_loss(params, alpha, xw, noisy(xw, step), carried)
         else:
             S = cfg.train.seq_len
             key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
             starts = jax.random.randint(key, (cfg.train.batch,), 0, series.shape[0] - S)
             xw = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(series, s, S + 1))(starts)
-            mse, sol, zt = windows_loss(params, alpha, xw)
+            mse, sol, zt = windows_loss(params, alpha, xw, noisy(xw, step))
         return mse + model.regulariser(params, cfg.train.lambda_lat), (mse, sol, zt)
 
     def train_step(state: TrainState, series: jax.Array):
