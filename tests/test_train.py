@@ -59,6 +59,19 @@ def cli_on_devices(devices, *args, timeout=600):
                           env=env, timeout=timeout)
 
 
+def plain_gtf_run(model, params, alpha, zhat, z):
+    """A plain Python GTF recurrence, written out: from state ``z``, forced towards ``zhat[t]`` (the data's
+    forcing states) with strength ``alpha`` on the forced units, ``len(zhat)`` steps → states (S, M)."""
+    import jax.numpy as jnp
+
+    p = np.asarray(model.forced_mask())
+    states = []
+    for zh in np.asarray(zhat):
+        z = np.asarray(model.F(params["F"], jnp.asarray(z - alpha * p * (z - zh), jnp.float32)))
+        states.append(z)
+    return np.stack(states)
+
+
 def start_and_kill(cfg, run_dir, at_step, sig=signal.SIGKILL):
     proc = subprocess.Popen([sys.executable, "-m", "distdeer.cli", "train", cfg], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -305,7 +318,6 @@ def test_carried_windows_follow_a_plain_forced_recurrence():
     state = init_state(model, cfg, None)
     assert state.warm.shape == (2, 5)
     step = jax.jit(make_train_step(model, cfg, length=41))
-    p = np.asarray(model.forced_mask())
     ends = [None, None]
     for k in range(6):
         params, alpha = state.params, float(state.alpha)
@@ -313,15 +325,10 @@ def test_carried_windows_follow_a_plain_forced_recurrence():
         for b, offset in enumerate((0, 2)):  # ⌊b·n/B⌋ for B = 2, n = 4
             j = (k + offset) % 4
             xs = x[10 * j: 10 * j + 11]
-            zhat = np.asarray(model.forcing(params, xs))
             z = np.asarray(model.initial_state(params, xs[0])) if (j == 0 or k == 0) else ends[b]
-            states = []
-            for t in range(10):
-                zt = z - alpha * p * (z - zhat[t])  # the GTF forced state, written out
-                z = np.asarray(model.F(params["F"], jnp.asarray(zt)))
-                states.append(z)
-            ends[b] = z
-            sq.append((np.asarray(model.observe(params, jnp.asarray(np.stack(states)))) - np.asarray(xs[1:])) ** 2)
+            states = plain_gtf_run(model, params, alpha, model.forcing(params, xs)[:-1], z)
+            ends[b] = states[-1]
+            sq.append((np.asarray(model.observe(params, jnp.asarray(states))) - np.asarray(xs[1:])) ** 2)
         state, m = step(state, x)
         np.testing.assert_allclose(np.asarray(state.warm), np.stack(ends), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(float(m.mse), np.mean(sq), rtol=1e-4)
@@ -350,7 +357,6 @@ def test_noise_perturbs_the_forcing_not_the_targets(mode):
     model = Model.from_config(cfg.model, 3)
     state = init_state(model, cfg, x)
     step = jax.jit(make_train_step(model, cfg, length=T))
-    p = np.asarray(model.forced_mask())
 
     def reference_mse(params, alpha, k, clean):
         if mode == "windows":
@@ -362,14 +368,10 @@ def test_noise_perturbs_the_forcing_not_the_targets(mode):
                                            (xs.shape[1:] if mode == "whole" else xs.shape)))
         xf = xs if clean else xs + sigma * eps.reshape(xs.shape)
         sq = []
-        for xw, xfw in zip(xs, xf):
-            zhat = np.asarray(model.forcing(params, jnp.asarray(xfw, jnp.float32)))
-            z = np.asarray(model.initial_state(params, jnp.asarray(xfw[0], jnp.float32)))
-            states = []
-            for t in range(len(xw) - 1):
-                z = np.asarray(model.F(params["F"], jnp.asarray(z - alpha * p * (z - zhat[t]), jnp.float32)))
-                states.append(z)
-            sq.append((np.asarray(model.observe(params, jnp.asarray(np.stack(states)))) - xw[1:]) ** 2)
+        for xw, xfw in zip(xs, jnp.asarray(xf, jnp.float32)):
+            z = np.asarray(model.initial_state(params, xfw[0]))
+            states = plain_gtf_run(model, params, alpha, model.forcing(params, xfw)[:-1], z)
+            sq.append((np.asarray(model.observe(params, jnp.asarray(states))) - xw[1:]) ** 2)
         return np.mean(sq)
 
     for k in range(3):

@@ -125,11 +125,15 @@ def make_train_step(model: Model, cfg: Config, mesh=None, length: int | None = N
             return Solution(states, jnp.int32(0), jnp.bool_(True), jnp.float32(0.0), jnp.int32(Result.SUCCESS))
         return deer(forced(alpha), F_params, z0, xs, init=warm, mesh=mesh, **solver_kw)
 
+    def step_key(step):
+        """The randomness of update ``step``: window starts draw from it, the forcing noise from fold_in(·, 1)."""
+        return jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
+
     def noisy(x, step):
         """The forcing observations: x, or x + σ ε with σ = ``train.noise`` (module docstring)."""
         if cfg.train.noise == 0:
             return x
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step), 1)
+        key = jax.random.fold_in(step_key(step), 1)
         return x + cfg.train.noise * jax.random.normal(key, x.shape, x.dtype)
 
     def one_sequence(params, alpha, x, xf, warm):
@@ -173,8 +177,7 @@ def make_train_step(model: Model, cfg: Config, mesh=None, length: int | None = N
             mse, sol, zt = windows_loss(params, alpha, xw, noisy(xw, step), carried)
         else:
             S = cfg.train.seq_len
-            key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
-            starts = jax.random.randint(key, (cfg.train.batch,), 0, series.shape[0] - S)
+            starts = jax.random.randint(step_key(step), (cfg.train.batch,), 0, series.shape[0] - S)
             xw = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(series, s, S + 1))(starts)
             mse, sol, zt = windows_loss(params, alpha, xw, noisy(xw, step))
         return mse + model.regulariser(params, cfg.train.lambda_lat), (mse, sol, zt)
