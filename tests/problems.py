@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from distdeer import gtf
+from distdeer import gtf, sequential
 from distdeer.bench.chaos import euler_lorenz, noisy_lorenz  # noqa: F401  (shared test problems)
 from distdeer.models import plrnn
 
@@ -58,6 +60,26 @@ def problem(name: str, T: int, dtype=jnp.float32, seed: int = 0):
 def loss_fn(states):
     """A non-trivial scalar function of the states."""
     return jnp.sum(jnp.sin(states) * jnp.linspace(0.5, 1.5, states.shape[-1]))
+
+
+def solve_and_grads(solve, params, z0, xs):
+    """``solve(params, z0, xs) -> Solution`` and the gradients of ``loss_fn(states)`` w.r.t. all three,
+    from one compiled program (one compilation instead of two: the tests are compile-bound)."""
+    def loss(p, z, x):
+        sol = solve(p, z, x)
+        return loss_fn(sol.states), sol
+    (_, sol), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(params, z0, xs)
+    return sol, g
+
+
+@functools.cache
+def sequential_reference(name: str, T: int, dtype=jnp.float32):
+    """States and BPTT gradients (of ``loss_fn``) of ``problem(name, T, dtype)`` by the plain
+    sequential recurrence; cached, since every device count and Jacobian mode is checked against it."""
+    step, params, z0, xs = problem(name, T, dtype=dtype)
+    seq = lambda p, z, x: sequential(step, p, z, x)  # noqa: E731
+    return jax.jit(seq)(params, z0, xs), jax.jit(jax.grad(lambda p, z, x: loss_fn(seq(p, z, x)),
+                                                          argnums=(0, 1, 2)))(params, z0, xs)
 
 
 def rel_err(a, b):

@@ -7,7 +7,7 @@ import pytest
 
 import distdeer
 from distdeer import Result, SolverError, deer, deer_batch, sequential
-from problems import euler_lorenz, loss_fn, noisy_lorenz, problem, rel_err
+from problems import euler_lorenz, loss_fn, noisy_lorenz, problem, rel_err, sequential_reference, solve_and_grads
 
 
 def _grads(fn, step, params, z0, xs, **kw):
@@ -23,14 +23,12 @@ def _grads(fn, step, params, z0, xs, **kw):
 def test_states_and_gradients_match_sequential(name, jacobian):
     T = 4099  # odd, not a multiple of the block length
     step, params, z0, xs = problem(name, T)
-    ref = sequential(step, params, z0, xs)
-    sol = jax.jit(lambda p, z, x: deer(step, p, z, x, jacobian=jacobian))(params, z0, xs)
+    ref, g_ref = sequential_reference(name, T)
+    sol, g = solve_and_grads(lambda p, z, x: deer(step, p, z, x, jacobian=jacobian), params, z0, xs)
     assert bool(sol.converged) and int(sol.result) == Result.SUCCESS
     assert 1 <= int(sol.iterations) <= (20 if jacobian == "dense" else 200)
     np.testing.assert_allclose(sol.states, ref, atol=5e-5, rtol=1e-4)
     assert float(sol.residual) < 1e-4
-    g_ref = _grads(sequential, step, params, z0, xs)
-    g = _grads(deer, step, params, z0, xs, jacobian=jacobian)
     assert rel_err(g, g_ref) < 1e-4
 
 

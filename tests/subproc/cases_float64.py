@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from distdeer import deer, default_tolerances, sequential
-from problems import loss_fn, problem, rel_err
+from distdeer import deer, default_tolerances
+from problems import problem, rel_err, sequential_reference, solve_and_grads
+
+T = 1001
 
 
 def test_x64_and_devices():
@@ -20,14 +22,11 @@ def test_x64_and_devices():
 @pytest.mark.parametrize("name,jacobian", [("shplrnn", "dense"), ("clipped", "diagonal"), ("gru", "dense"),
                                            ("gru", "diagonal")])
 def test_float64_states_and_gradients(n, name, jacobian):
-    T = 1001
     step, params, z0, xs = problem(name, T, dtype=jnp.float64)
     assert z0.dtype == jnp.float64
     mesh = None if n == 1 else Mesh(np.array(jax.devices()[:n]), ("time",))
-    solve = lambda p, z, x: deer(step, p, z, x, jacobian=jacobian, mesh=mesh).states  # noqa: E731
-    states = jax.jit(solve)(params, z0, xs)
-    assert states.dtype == jnp.float64
-    np.testing.assert_allclose(states, sequential(step, params, z0, xs), atol=1e-8, rtol=1e-8)
-    g = jax.jit(jax.grad(lambda p, z, x: loss_fn(solve(p, z, x)), argnums=(0, 1, 2)))(params, z0, xs)
-    g_ref = jax.grad(lambda p, z, x: loss_fn(sequential(step, p, z, x)), argnums=(0, 1, 2))(params, z0, xs)
+    sol, g = solve_and_grads(lambda p, z, x: deer(step, p, z, x, jacobian=jacobian, mesh=mesh), params, z0, xs)
+    ref, g_ref = sequential_reference(name, T, jnp.float64)
+    assert sol.states.dtype == jnp.float64
+    np.testing.assert_allclose(sol.states, ref, atol=1e-8, rtol=1e-8)
     assert rel_err(g, g_ref) < 1e-8

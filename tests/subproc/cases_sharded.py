@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from distdeer import Result, deer, deer_batch, deer_shard, sequential
-from problems import euler_lorenz, loss_fn, noisy_lorenz, problem, rel_err
+from problems import euler_lorenz, loss_fn, noisy_lorenz, problem, rel_err, sequential_reference, solve_and_grads
 
 
 def test_eight_devices_are_simulated():
@@ -29,29 +29,34 @@ def grads(fn, step, params, z0, xs):
     return jax.jit(jax.grad(lambda p, z, x: loss_fn(fn(p, z, x)), argnums=(0, 1, 2)))(params, z0, xs)
 
 
-CASES = [(n, name, jac) for n in (1, 2, 3, 4, 8)
-         for name, jac in (("shplrnn", "dense"), ("shplrnn", "diagonal"), ("clipped", "dense"),
-                           ("gru", "dense"), ("gru", "diagonal"))]
+# Every (model, Jacobian) pair on 8 devices and on at least one other count; every count with both
+# Jacobians.  (All 25 combinations would cost minutes of compilation for no extra coverage.)
+CASES = [(8, name, jac) for name, jac in (("shplrnn", "dense"), ("shplrnn", "diagonal"), ("clipped", "dense"),
+                                          ("gru", "dense"), ("gru", "diagonal"))] + [
+    (1, "shplrnn", "dense"), (1, "gru", "diagonal"),
+    (2, "clipped", "dense"), (2, "shplrnn", "diagonal"),
+    (3, "gru", "dense"), (3, "shplrnn", "diagonal"), (3, "clipped", "dense"),
+    (4, "shplrnn", "dense"), (4, "gru", "diagonal")]
+T_CASES = 4099  # odd: padding on every device count
 
 
 @pytest.mark.parametrize("n,name,jacobian", CASES)
 def test_sharded_states_and_gradients(n, name, jacobian):
-    T = 4099
-    step, params, z0, xs = problem(name, T)
+    step, params, z0, xs = problem(name, T_CASES)
     mesh = mesh_of(n, "explicit" if n % 2 == 0 else "auto")
-    ref = sequential(step, params, z0, xs)
+    ref, g_ref = sequential_reference(name, T_CASES)
     solve = lambda p, z, x: deer(step, p, z, x, jacobian=jacobian, mesh=mesh)  # noqa: E731
-    sol = jax.jit(solve)(params, z0, xs)
-    assert bool(sol.converged) and sol.states.shape == (T, xs.shape[1] if name != "gru" else 4)
+    sol, g = solve_and_grads(solve, params, z0, xs)
+    assert bool(sol.converged) and sol.states.shape == (T_CASES, xs.shape[1] if name != "gru" else 4)
     np.testing.assert_allclose(sol.states, ref, atol=5e-5, rtol=1e-4)
-    g = grads(lambda p, z, x: solve(p, z, x).states, step, params, z0, xs)
-    g_ref = grads(lambda p, z, x: sequential(step, p, z, x), step, params, z0, xs)
     assert rel_err(g, g_ref) < 1e-4
 
 
 def test_iterations_do_not_depend_on_device_count():
     step, params, z0, xs = problem("clipped", 3001)
-    its = {int(deer(step, params, z0, xs, mesh=mesh_of(n)).iterations) for n in (1, 2, 4, 8)}
+    # jit: an eager call dispatches the solver's set-up op by op, three times slower than compiling it.
+    its = {int(jax.jit(lambda p, z, x, n=n: deer(step, p, z, x, mesh=mesh_of(n)).iterations)(params, z0, xs))
+           for n in (1, 2, 4, 8)}
     assert len(its) == 1, its
 
 
@@ -59,9 +64,8 @@ def test_iterations_do_not_depend_on_device_count():
 def test_sequences_shorter_than_twice_the_devices(T, n):
     step, params, z0, xs = problem("gru", T)
     mesh = mesh_of(n)
-    sol = deer(step, params, z0, xs, mesh=mesh)
+    sol, g = solve_and_grads(lambda p, z, x: deer(step, p, z, x, mesh=mesh), params, z0, xs)
     np.testing.assert_allclose(sol.states, sequential(step, params, z0, xs), atol=2e-5)
-    g = grads(lambda p, z, x: deer(step, p, z, x, mesh=mesh).states, step, params, z0, xs)
     g_ref = grads(lambda p, z, x: sequential(step, p, z, x), step, params, z0, xs)
     assert rel_err(g, g_ref) < 1e-4
     # padded steps get no gradient and produce none: the xs cotangent has exactly T rows
@@ -86,10 +90,9 @@ def test_batch_on_data_time_mesh(kind, shape):
     xs = jax.random.normal(jax.random.PRNGKey(2), (B, T, 2))
     mesh = mesh_of(8, kind, ("data", "time"), shape)
     seq = jax.vmap(lambda p, z, x: sequential(step, p, z, x), in_axes=(None, 0, 0))
-    sol = deer_batch(step, params, z0, xs, mesh=mesh)
+    sol, g = solve_and_grads(lambda p, z, x: deer_batch(step, p, z, x, mesh=mesh), params, z0, xs)
     assert sol.states.shape == (B, T, 4) and sol.iterations.shape == (B,)
     np.testing.assert_allclose(sol.states, seq(params, z0, xs), atol=1e-5)
-    g = grads(lambda p, z, x: deer_batch(step, p, z, x, mesh=mesh).states, step, params, z0, xs)
     g_ref = grads(lambda p, z, x: seq(p, z, x), step, params, z0, xs)
     assert rel_err(g, g_ref) < 1e-4
 
@@ -131,16 +134,16 @@ def test_sharded_failure_is_reported_and_fallback_is_exact():
     z0, xs = data[0], data[:-1]
     forced = {"alpha": jnp.float32(0.1), "dt": jnp.float32(0.01)}
     mesh = mesh_of(8)
-    sol = deer(euler_lorenz, forced, z0, xs, mesh=mesh, max_iter=2, throw=False)
+    sol = jax.jit(lambda p: deer(euler_lorenz, p, z0, xs, mesh=mesh, max_iter=2, throw=False))(forced)
     assert not bool(sol.converged) and int(sol.result) == Result.MAX_ITER and int(sol.iterations) == 2
     g = jax.jit(jax.grad(lambda p: jnp.sum(
         deer(euler_lorenz, p, z0, xs, mesh=mesh, max_iter=2, throw=False).states)))(forced)
     assert all(bool(jnp.all(jnp.isnan(v))) for v in jax.tree.leaves(g))
-    fb = deer(euler_lorenz, forced, z0, xs, mesh=mesh, max_iter=2, fallback=True)
+    fb = jax.jit(lambda p: deer(euler_lorenz, p, z0, xs, mesh=mesh, max_iter=2, fallback=True))(forced)
     assert int(fb.result) == Result.FALLBACK and bool(fb.converged)
     np.testing.assert_allclose(fb.states, sequential(euler_lorenz, forced, z0, xs), rtol=1e-5, atol=1e-4)
     with pytest.raises(Exception, match="Newton solve failed"):
-        jax.block_until_ready(deer(euler_lorenz, forced, z0, xs, mesh=mesh, max_iter=2).states)
+        jax.block_until_ready(jax.jit(lambda p: deer(euler_lorenz, p, z0, xs, mesh=mesh, max_iter=2).states)(forced))
 
 
 def test_gtf_on_chaotic_map_sharded():
@@ -149,7 +152,7 @@ def test_gtf_on_chaotic_map_sharded():
     z0, xs, init = data[0], data[:-1], data[1:]
     forced = {"alpha": jnp.float32(0.1), "dt": jnp.float32(0.01)}
     mesh = mesh_of(8)
-    cold = deer(euler_lorenz, forced, z0, xs, mesh=mesh, max_iter=30)
-    warm = deer(euler_lorenz, forced, z0, xs, mesh=mesh, init=init, max_iter=30)
+    solve = jax.jit(lambda p, i: deer(euler_lorenz, p, z0, xs, mesh=mesh, init=i, max_iter=30))
+    cold, warm = solve(forced, None), solve(forced, init)
     assert int(cold.iterations) <= 8 and int(warm.iterations) <= 4
     np.testing.assert_allclose(warm.states, sequential(euler_lorenz, forced, z0, xs), atol=1e-3, rtol=1e-4)
