@@ -106,15 +106,18 @@ def test_training_runs_and_writes_the_run_directory(straight):
         assert key in rows[-1]
     assert all(r["converged"] for r in rows)
     assert rows[-1]["alpha"] < rows[0]["alpha"] == 1.0  # adaptive α decays from 1
-    assert "results in" in out
+    assert (f"results in {run} (eval.json, attractor.png, spectrum.png, timeseries.png, generated.npy, loss.png, "
+            "metrics.jsonl, checkpoints/);") in out
 
 
 def test_loss_decreases_with_constant_forcing(tmp_path):
     run = tmp_path / "const"
     cfg = write_config(tmp_path, run, gtf__mode="constant", gtf__alpha=0.3, train__steps=80, train__lr=3e-3,
-                       train__lr_end=1e-3)
+                       train__lr_end=1e-3, eval__at_end=False)
     proc = cli("train", cfg)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # no evaluation: the last line names no figures nor eval.json
+    assert f"results in {run} (loss.png, metrics.jsonl, checkpoints/);" in proc.stdout
     rows = metrics(run)
     first, last = np.mean([r["mse"] for r in rows[:5]]), np.mean([r["mse"] for r in rows[-5:]])
     assert last < 0.7 * first, (first, last)

@@ -310,6 +310,10 @@ def run(cfg: Config, control: Control | None = None) -> dict:
             "params_sha256": checkpoint.params_sha256(state.params), "last": last, "eval": evaluation}
 
 
+RESULT_FILES = ("eval.json", "attractor.png", "spectrum.png", "timeseries.png", "generated.npy", "loss.png",
+                "metrics.jsonl", "checkpoints/")
+
+
 def print_outcome(summary: dict) -> None:
     """The lines a finished or stopped training run ends with (its evaluation, where its results are)."""
     where = os.path.abspath(summary["run_dir"])
@@ -321,8 +325,9 @@ def print_outcome(summary: dict) -> None:
         print(f"distdeer: evaluation: {eval_mod.headline(ev)}")
     if summary.get("eval_interrupted"):
         print(f"distdeer: evaluation interrupted (signal); `distdeer eval {where}` evaluates the trained run")
-    print(f"distdeer: {state} step {summary['step']}; results in {where} "
-          f"(attractor.png, spectrum.png, eval.json, loss.png, metrics.jsonl, checkpoints/); "
+    # Name only what is there: without an evaluation there are no figures nor eval.json.
+    present = [name for name in RESULT_FILES if os.path.exists(os.path.join(where, name.rstrip("/")))]
+    print(f"distdeer: {state} step {summary['step']}; results in {where} ({', '.join(present)}); "
           f"params sha256 {summary['params_sha256'][:16]}…", flush=True)
 
 
