@@ -62,6 +62,11 @@ def loss_fn(states):
     return jnp.sum(jnp.sin(states) * jnp.linspace(0.5, 1.5, states.shape[-1]))
 
 
+def loss_grads(states_fn, params, z0, xs):
+    """Gradients of ``loss_fn(states_fn(params, z0, xs))`` w.r.t. all three (compiled)."""
+    return jax.jit(jax.grad(lambda p, z, x: loss_fn(states_fn(p, z, x)), argnums=(0, 1, 2)))(params, z0, xs)
+
+
 def solve_and_grads(solve, params, z0, xs):
     """``solve(params, z0, xs) -> Solution`` and the gradients of ``loss_fn(states)`` w.r.t. all three,
     from one compiled program (one compilation instead of two: the tests are compile-bound)."""
@@ -78,8 +83,7 @@ def sequential_reference(name: str, T: int, dtype=jnp.float32):
     sequential recurrence; cached, since every device count and Jacobian mode is checked against it."""
     step, params, z0, xs = problem(name, T, dtype=dtype)
     seq = lambda p, z, x: sequential(step, p, z, x)  # noqa: E731
-    return jax.jit(seq)(params, z0, xs), jax.jit(jax.grad(lambda p, z, x: loss_fn(seq(p, z, x)),
-                                                          argnums=(0, 1, 2)))(params, z0, xs)
+    return jax.jit(seq)(params, z0, xs), loss_grads(seq, params, z0, xs)
 
 
 def rel_err(a, b):

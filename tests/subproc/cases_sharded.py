@@ -11,7 +11,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from distdeer import Result, deer, deer_batch, deer_shard, sequential
-from problems import euler_lorenz, loss_fn, noisy_lorenz, problem, rel_err, sequential_reference, solve_and_grads
+from problems import (euler_lorenz, loss_fn, loss_grads, noisy_lorenz, problem, rel_err, sequential_reference,
+                      solve_and_grads)
 
 
 def test_eight_devices_are_simulated():
@@ -23,10 +24,6 @@ def mesh_of(n, kind="explicit", names=("time",), shape=None):
     if kind == "explicit":
         return jax.make_mesh(shape, names, devices=jax.devices()[:n])
     return Mesh(np.array(jax.devices()[:n]).reshape(shape), names)
-
-
-def grads(fn, step, params, z0, xs):
-    return jax.jit(jax.grad(lambda p, z, x: loss_fn(fn(p, z, x)), argnums=(0, 1, 2)))(params, z0, xs)
 
 
 # Every (model, Jacobian) pair on 8 devices and on at least one other count; every count with both
@@ -66,7 +63,7 @@ def test_sequences_shorter_than_twice_the_devices(T, n):
     mesh = mesh_of(n)
     sol, g = solve_and_grads(lambda p, z, x: deer(step, p, z, x, mesh=mesh), params, z0, xs)
     np.testing.assert_allclose(sol.states, sequential(step, params, z0, xs), atol=2e-5)
-    g_ref = grads(lambda p, z, x: sequential(step, p, z, x), step, params, z0, xs)
+    g_ref = loss_grads(lambda p, z, x: sequential(step, p, z, x), params, z0, xs)
     assert rel_err(g, g_ref) < 1e-4
     # padded steps get no gradient and produce none: the xs cotangent has exactly T rows
     assert g[2].shape == xs.shape
@@ -93,7 +90,7 @@ def test_batch_on_data_time_mesh(kind, shape):
     sol, g = solve_and_grads(lambda p, z, x: deer_batch(step, p, z, x, mesh=mesh), params, z0, xs)
     assert sol.states.shape == (B, T, 4) and sol.iterations.shape == (B,)
     np.testing.assert_allclose(sol.states, seq(params, z0, xs), atol=1e-5)
-    g_ref = grads(lambda p, z, x: seq(p, z, x), step, params, z0, xs)
+    g_ref = loss_grads(seq, params, z0, xs)
     assert rel_err(g, g_ref) < 1e-4
 
 
@@ -106,8 +103,8 @@ def test_vmap_around_a_sharded_call():
     f = jax.vmap(lambda p, z, x: deer(step, p, z, x, mesh=mesh).states, in_axes=(None, 0, 0))
     seq = jax.vmap(lambda p, z, x: sequential(step, p, z, x), in_axes=(None, 0, 0))
     np.testing.assert_allclose(jax.jit(f)(params, z0, xs), seq(params, z0, xs), atol=1e-5)
-    g = grads(f, step, params, z0, xs)
-    g_ref = grads(seq, step, params, z0, xs)
+    g = loss_grads(f, params, z0, xs)
+    g_ref = loss_grads(seq, params, z0, xs)
     assert rel_err(g, g_ref) < 1e-4
 
 
