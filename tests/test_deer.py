@@ -156,3 +156,35 @@ def test_import_does_not_load_ray():
     import sys
     code = "import sys, distdeer, distdeer.bench.solver; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _dot_precisions(jaxpr) -> list:
+    """The ``precision`` of every dot_general in a jaxpr, its sub-jaxprs (loops, custom rules) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr → Jaxpr
+                if hasattr(inner, "eqns"):
+                    found += _dot_precisions(inner)
+    return found
+
+
+@pytest.mark.parametrize("name", ["gru", "clipped"])
+def test_solver_traces_float32_matmuls(name):
+    """With JAX's GPU default for float32 products (TF32), Newton stalled at a residual of ~1e-3 on an
+    H200; the forward solve and the adjoint, the user's step inside them included, must trace every
+    matrix product at full precision whatever the default."""
+    step, params, z0, xs = problem(name, 64)
+
+    def loss(p):
+        return jnp.sum(deer(step, p, z0, xs, throw=False).states ** 2)
+
+    with jax.default_matmul_precision("tensorfloat32"):
+        jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr
+    precisions = _dot_precisions(jaxpr)
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    assert len(precisions) >= 4, precisions  # step, Jacobians, scan, adjoint products
+    assert all(p == highest for p in precisions), precisions

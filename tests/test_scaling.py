@@ -69,3 +69,30 @@ def test_bad_arguments_exit_2(tmp_path, args, message):
                           text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_gpu_summary_of_a_bench_folder(study, tmp_path, capsys):
+    """``distdeer.bench.gpu_summary`` on the files launch/gpu_bench.sh writes (solver runs, scan bandwidth,
+    one-device scaling rows): speed-ups, and cost-model constants consistent with the raw numbers."""
+    from distdeer.bench import gpu_summary, solver
+    from distdeer.bench.scaling import scan_bandwidth
+
+    res = solver.run(solver.SolverBench(T=300, latent=3, hidden=8, repeats=1))
+    solver.write_json(res, str(tmp_path / "solver-T300-M3.json"))
+    (tmp_path / "bandwidth.json").write_text(json.dumps([scan_bandwidth(512, 3, repeats=1)]))
+    rows = [r for r in json.loads((study / "scaling.json").read_text())["rows"]
+            if r["devices"] == 1 and r["processes"] == 1]
+    for r in rows:
+        (tmp_path / f"row-T{r['T']}-M3.json").write_text(json.dumps(r))
+    assert gpu_summary.main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert f"speed-up {res['bptt_value_grad_s'] / res['deer_value_grad_s']:7.1f}x" in printed
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["T"] for r in doc["solver"]] == [300] and len(doc["rows"]) == len(rows) == 2
+    model = doc["model"]
+    assert model["k_value_grad_iterations"] == pytest.approx(res["deer_value_grad_s"] / res["per_iteration_s"])
+    assert model["c_bptt_s_per_step"] == pytest.approx(res["bptt_value_grad_s"] / 300)
+    assert model["c_coll_s_per_device"] == 0 and model["c_local_s_per_step"] >= 0
+    for p in doc["projection"]["rows"]:
+        assert p["devices"] == 1 and p["speedup_vs_bptt"] == pytest.approx(p["bptt_value_grad_s"] / p["value_grad_s"])
+    assert "PROJECTION" in doc["projection"]["note"]

@@ -64,6 +64,7 @@ def _best(fn, args, repeats: int) -> float:
     return solver_bench._time(fn, args, repeats)[0]
 
 
+@newton.float32_matmuls  # as inside the solver
 def breakdown(T: int, M: int, L: int, jacobian: str, repeats: int = 3) -> dict:
     """Per-iteration pieces on one device's slice, and the collectives on the whole mesh."""
     Pn = len(jax.devices())
@@ -148,6 +149,7 @@ def _forward_collective_bytes(T: int, M: int, L: int, jacobian: str, Pn: int) ->
     return collective_bytes(fn.lower(params, S(M), S(T, M)).compile().as_text())
 
 
+@newton.float32_matmuls  # as inside the solver
 def scan_bandwidth(T: int, M: int, method: str | None = None, repeats: int = 3) -> dict:
     """Achieved memory bandwidth of the local affine scan on one device: time of ``local_pass`` +
     ``finish`` over T dense maps, against the least traffic it must move (read T (M² + M) inputs, write

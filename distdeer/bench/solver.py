@@ -2,10 +2,11 @@
 
 The problem: a clipped shPLRNN (M latent, L hidden units, reference initialisation) forced by GTF with
 strength α towards standardised Lorenz-63 data (the first min(M, 3) units forced), loss = MSE of the
-un-forced predictions of the observed units.  Measured (best of ``repeats`` after compilation):
-sequential forward, BPTT value+grad, DEER forward and value+grad (started from the data, and
-warm-started from the solution one Adam-sized parameter step away, as in training), Newton iterations, the max error of DEER's states against the sequential ones, the
-gradient's relative error against BPTT, compiled memory of each value+grad, and the ratios.
+un-forced predictions of the observed units.  Measured (best of ``repeats`` runs of programs compiled
+ahead of time; compile times recorded apart): sequential forward, BPTT value+grad, DEER forward and
+value+grad (started from the data, and warm-started from the solution one Adam-sized parameter step
+away, as in training), Newton iterations, the max error of DEER's states against the sequential ones,
+the gradient's relative error against BPTT, compiled memory of each value+grad, and the ratios.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import json
 import platform
 import resource
+import sys
 import time
 from typing import Callable
 
@@ -25,6 +27,7 @@ from distdeer import gtf
 from distdeer.data import systems
 from distdeer.models import plrnn
 from distdeer.solver import deer, sequential
+from distdeer.solver.newton import float32_matmuls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +49,11 @@ def _problem(cfg: SolverBench):
     """Lorenz-63 data lifted into the M-dim state space by a fixed orthonormal map R (M×3), all units
     forced (affine-readout GTF: ẑ = R x), the model read out by Rᵀ."""
     M = cfg.latent
-    data = systems.standardise(systems.lorenz63(cfg.T + 1, seed=cfg.seed))
+    # Integrated on the host CPU: on an accelerator the RK4 loop (10 substeps per sample) runs one tiny
+    # kernel sequence per step and would take minutes at T = 10^6.
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        data = np.asarray(systems.standardise(systems.lorenz63(cfg.T + 1, seed=cfg.seed)))
+    data = jnp.asarray(data)
     R = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(cfg.seed + 1), (M, max(M, 3))))[0][:, :3] \
         if M > 3 else jnp.eye(M, 3)
     zhat = data @ R.T
@@ -60,22 +67,44 @@ def _problem(cfg: SolverBench):
     return step, params, zhat[0], zhat[:-1], zhat[1:], data[1:], R, alpha
 
 
-def _time(fn: Callable, args, repeats: int):
-    out = jax.block_until_ready(fn(*args))  # compile and warm up
+def _note(message: str) -> None:
+    """Progress on stderr as each phase ends: a run stopped by a time limit shows how far it got."""
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _compile(fn, args):
+    """Ahead-of-time compile ``fn`` for ``args``; returns (compiled, compile seconds)."""
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def _time(fn: Callable, args, repeats: int, warmup: bool = True, compiled=None):
+    """Best of ``repeats`` runs of the compiled ``fn`` (compiled ahead of time, so no run pays for
+    compilation); ``warmup`` adds one untimed run first.  The sequential baselines skip it: at T = 10^6
+    on an accelerator one run takes about a minute, and a run of the AOT-compiled program does not
+    compile.  Returns (seconds, output)."""
+    compiled = compiled or _compile(fn, args)[0]
+    if warmup:
+        out = jax.block_until_ready(compiled(*args))
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(max(repeats, 1)):
         t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
+        out = jax.block_until_ready(compiled(*args))
         best = min(best, time.perf_counter() - t0)
     return best, out
 
 
-def _compiled_bytes(fn, args) -> int | None:
+def _memory_bytes(compiled) -> int | None:
     try:
-        m = fn.lower(*args).compile().memory_analysis()
+        m = compiled.memory_analysis()
         return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
     except Exception:  # memory analysis is not offered by every backend
         return None
+
+
+def _compiled_bytes(fn, args) -> int | None:
+    return _memory_bytes(_compile(fn, args)[0])
 
 
 def compiled_memory(cfg: SolverBench) -> dict:
@@ -102,8 +131,11 @@ def compiled_memory(cfg: SolverBench) -> dict:
     return out
 
 
+@float32_matmuls
 def run(cfg: SolverBench) -> dict:
-    """Run the benchmark; returns a flat dict of raw numbers (seconds, bytes)."""
+    """Run the benchmark; returns a flat dict of raw numbers (seconds, bytes).  Every program is traced
+    with float32 matrix products (the solver always uses them; the sequential baseline gets the same,
+    not the GPU's default TF32), so both compute the same recurrence."""
     if cfg.memory_only:
         return compiled_memory(cfg)
     step, params, z0, xs, init, targets, R, alpha = _problem(cfg)
@@ -141,26 +173,34 @@ def run(cfg: SolverBench) -> dict:
     out["alpha"] = alpha
     out.update(backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
                jax_version=jax.__version__, machine=platform.machine(), processor=platform.processor())
-    t_deer_fwd, sol = _time(deer_fwd, (params,), cfg.repeats)
-    t_deer_vg, ((loss_d, sol_vg), g_deer) = _time(deer_vg, (params, init), cfg.repeats)
-    warm_guess = deer_fwd(previous).states
-    t_warm, ((_, sol_warm), _) = _time(deer_vg, (params, warm_guess), cfg.repeats)
+    fwd_c, out["deer_forward_compile_s"] = _compile(deer_fwd, (params,))
+    vg_c, out["deer_value_grad_compile_s"] = _compile(deer_vg, (params, init))
+    _note(f"DEER compiled (forward {out['deer_forward_compile_s']:.1f} s, "
+          f"value+grad {out['deer_value_grad_compile_s']:.1f} s)")
+    t_deer_fwd, sol = _time(deer_fwd, (params,), cfg.repeats, compiled=fwd_c)
+    t_deer_vg, ((loss_d, sol_vg), g_deer) = _time(deer_vg, (params, init), cfg.repeats, compiled=vg_c)
+    warm_guess = fwd_c(previous).states
+    t_warm, ((_, sol_warm), _) = _time(deer_vg, (params, warm_guess), cfg.repeats, compiled=vg_c)
     out.update(deer_forward_s=t_deer_fwd, deer_value_grad_s=t_deer_vg,
                newton_iterations=int(sol.iterations), converged=bool(sol.converged),
                residual=float(sol.residual), deer_loss=float(loss_d),
                # forward time / iterations (includes the one extra step evaluation of the residual)
                per_iteration_s=t_deer_fwd / max(int(sol.iterations), 1),
                deer_value_grad_warm_s=t_warm, newton_iterations_warm=int(sol_warm.iterations),
-               converged_warm=bool(sol_warm.converged),
-               deer_value_grad_bytes=_compiled_bytes(deer_vg, (params, init)))
+               converged_warm=bool(sol_warm.converged), deer_value_grad_bytes=_memory_bytes(vg_c))
+    _note(f"DEER timed (value+grad {t_deer_vg * 1e3:.1f} ms, {int(sol.iterations)} iterations)")
     if not cfg.skip_sequential:
-        t_seq, ref = _time(seq_fwd, (params,), cfg.repeats)
-        t_bptt, (loss_b, g_bptt) = _time(bptt, (params,), cfg.repeats)
+        seq_c, out["sequential_forward_compile_s"] = _compile(seq_fwd, (params,))
+        bptt_c, out["bptt_value_grad_compile_s"] = _compile(bptt, (params,))
+        _note(f"sequential compiled (forward {out['sequential_forward_compile_s']:.1f} s, "
+              f"BPTT {out['bptt_value_grad_compile_s']:.1f} s)")
+        t_seq, ref = _time(seq_fwd, (params,), cfg.repeats, warmup=False, compiled=seq_c)
+        t_bptt, (loss_b, g_bptt) = _time(bptt, (params,), cfg.repeats, warmup=False, compiled=bptt_c)
         gerr = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
                    for a, b in zip(jax.tree.leaves(g_deer), jax.tree.leaves(g_bptt)))
         out.update(sequential_forward_s=t_seq, bptt_value_grad_s=t_bptt, bptt_loss=float(loss_b),
                    max_state_error=float(jnp.max(jnp.abs(sol.states - ref))), grad_rel_error=gerr,
-                   bptt_value_grad_bytes=_compiled_bytes(bptt, (params,)),
+                   bptt_value_grad_bytes=_memory_bytes(bptt_c),
                    ratio_forward=t_deer_fwd / t_seq, ratio_value_grad=t_deer_vg / t_bptt,
                    ratio_value_grad_warm=t_warm / t_bptt)
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

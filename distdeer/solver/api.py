@@ -250,7 +250,8 @@ def deer(
 
     Gradients of any function of ``states`` w.r.t. ``params``, ``z0`` and ``xs`` come from the
     implicit adjoint at the solution (never by differentiating the Newton loop) and equal BPTT's to
-    solver tolerance.
+    solver tolerance.  Solve and adjoint, ``step`` included, use full float32 matrix products
+    whatever ``jax.default_matmul_precision`` says (GPUs default to TF32, too coarse for Newton).
     """
     sharded = mesh is not None
     dyn, opts, z0, init = _prepare(
