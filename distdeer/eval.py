@@ -29,6 +29,7 @@ from distdeer import files
 from distdeer import metrics, plots
 from distdeer.data import loader, store, systems
 from distdeer.models import Model
+from distdeer.precision import float32_matmuls
 from distdeer.solver import sequential
 from distdeer.train import checkpoint
 from distdeer.train.step import init_state
@@ -254,6 +255,7 @@ def select_checkpoint(run_dir: str) -> dict:
             "chosen": min(candidates, key=selection_rank)["step"], "candidates": candidates}
 
 
+@float32_matmuls  # distdeer/precision.py: free runs compute what a CPU computes
 def evaluate(run_dir: str, data: str | None = None, figures: bool = True, select: str | None = None) -> dict:
     """The reference protocol on one run (see the module docstring).  ``data``: the test series; None:
     the run's ``eval.data``.  ``select``: which checkpoint — ``latest``, or ``train``

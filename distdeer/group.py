@@ -20,6 +20,7 @@ the same step boundary, which saves a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -82,12 +83,75 @@ class HostWorker:
         return {"step": summary["step"], "stopped": summary["stopped"], "params_sha256": summary["params_sha256"],
                 "last": summary["last"], "devices": devices}
 
+    def measure(self, coordinator: str, hosts: int, rank: int, timeout_s: int, point: dict) -> dict | None:
+        """One row of a scaling study (``launch/scaling.py --ray``): rank 0 returns it, the others None."""
+        from distdeer.bench import scaling
+
+        return scaling.measure_in_group(coordinator, hosts, rank, timeout_s, **point)
+
     def progress(self):
         return self.control.progress() if self.control is not None else (None, None)
 
     def stop(self) -> None:
         if self.control is not None:
             self.control.stop()
+
+
+def connect(hosts: int, cpus_per_host: float, placement: str, prog: str = "distdeer") -> str:
+    """Join the cluster at ``RAY_ADDRESS``, or start a local Ray with room for ``hosts`` processes.
+    Returns the placement strategy to use: on a one-node local Ray a STRICT_SPREAD group of several
+    hosts cannot be placed, so it becomes PACK (said on stderr)."""
+    import sys
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return placement
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(hosts * cpus_per_host + 0.999)), include_dashboard=False)
+    if placement.startswith("STRICT_SPREAD") and len(ray.nodes()) < hosts:
+        print(f"{prog}: local Ray (one node): {hosts} processes share this machine (placement PACK)", file=sys.stderr)
+        return "PACK"
+    return placement
+
+
+def host_resources(devices_per_host: int, cpus_per_host: float) -> tuple[dict, dict]:
+    """(Ray resources of one host's bundle, environment of its worker process).  With GPUs in the
+    cluster one process owns ``devices_per_host`` GPUs; on CPU hosts it gets that many simulated XLA
+    devices."""
+    k = devices_per_host or 1
+    bundle = {"CPU": cpus_per_host}
+    env = {name: os.environ[name] for name in ("DISTDEER_COMPILATION_CACHE",) if name in os.environ}
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        bundle["GPU"] = k
+    else:
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={k}")
+    return bundle, env
+
+
+class PlacementTimeout(RuntimeError):
+    """The placement group's bundles could not be placed in time."""
+
+
+@contextlib.contextmanager
+def host_group(hosts: int, bundle: dict, env: dict, strategy: str, timeout_s: float):
+    """One ``HostWorker`` per bundle of a placement group of ``hosts`` bundles; yields ``(actors, where,
+    coordinator)`` — ``where`` per rank (pid, node, IP), ``coordinator`` rank 0's IP and a free port.
+    Kills the actors and removes the group on exit, whatever happened."""
+    pg = placement_group([dict(bundle) for _ in range(hosts)], strategy=strategy)
+    actors = []
+    try:
+        if not pg.wait(timeout_seconds=timeout_s):
+            raise PlacementTimeout()
+        for rank in range(hosts):
+            placed = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
+            actors.append(HostWorker.options(scheduling_strategy=placed, num_cpus=bundle["CPU"],
+                                             num_gpus=bundle.get("GPU", 0)).remote(env))
+        where = ray.get([a.where.remote() for a in actors], timeout=timeout_s)
+        port = ray.get(actors[0].free_port.remote(), timeout=60)
+        yield actors, where, f"{where[0]['node_ip']}:{port}"
+    finally:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        remove_placement_group(pg)
 
 
 @dataclasses.dataclass
@@ -127,46 +191,23 @@ class Supervisor:
         files.write_atomic(os.path.join(self.run_dir, "hosts.json"), json.dumps(doc, indent=1))
 
     # -- one attempt ---------------------------------------------------------------------------------
-    def _bundle(self) -> tuple[dict, dict]:
-        """(Ray resources per host, environment of the worker process)."""
-        k = self.cfg.mesh.devices_per_host
-        bundle = {"CPU": self.cfg.ray.cpus_per_host}
-        env = {k: os.environ[k] for k in ("DISTDEER_COMPILATION_CACHE",) if k in os.environ}
-        if ray.cluster_resources().get("GPU", 0) > 0:
-            bundle["GPU"] = k or 1  # one process owns all of its host's GPUs
-        else:  # CPU hosts: k simulated XLA devices per process
-            env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={k or 1}")
-        return bundle, env
-
     def attempt(self, number: int) -> Outcome:
         cfg, hosts = self.cfg, self.cfg.mesh.hosts
-        bundle, env = self._bundle()
-        pg = placement_group([dict(bundle) for _ in range(hosts)], strategy=cfg.ray.placement)
-        actors = []
+        bundle, env = host_resources(cfg.mesh.devices_per_host, cfg.ray.cpus_per_host)
         try:
-            if not pg.wait(timeout_seconds=cfg.ray.startup_s):
-                return Outcome(False, f"could not place {hosts} hosts of {bundle} ({cfg.ray.placement}) within "
-                                      f"ray.startup_s={cfg.ray.startup_s:g} s")
-            for rank in range(hosts):
-                strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
-                actors.append(HostWorker.options(scheduling_strategy=strategy, num_cpus=bundle["CPU"],
-                                                 num_gpus=bundle.get("GPU", 0)).remote(env))
-            where = ray.get([a.where.remote() for a in actors], timeout=cfg.ray.startup_s)
-            port = ray.get(actors[0].free_port.remote(), timeout=60)
-            coordinator = f"{where[0]['node_ip']}:{port}"
-            self._write_hosts(number, coordinator, where)
-            self._event(event="group_started", attempt=number, coordinator=coordinator,
-                        pids=[w["pid"] for w in where])
-            cfg_dict = config_mod.to_dict(cfg)
-            refs = [a.train.remote(cfg_dict, coordinator, hosts, r, int(cfg.ray.startup_s))
-                    for r, a in enumerate(actors)]
-            return self._watch(number, actors, refs)
+            with host_group(hosts, bundle, env, cfg.ray.placement, cfg.ray.startup_s) as (actors, where, coordinator):
+                self._write_hosts(number, coordinator, where)
+                self._event(event="group_started", attempt=number, coordinator=coordinator,
+                            pids=[w["pid"] for w in where])
+                cfg_dict = config_mod.to_dict(cfg)
+                refs = [a.train.remote(cfg_dict, coordinator, hosts, r, int(cfg.ray.startup_s))
+                        for r, a in enumerate(actors)]
+                return self._watch(number, actors, refs)
+        except PlacementTimeout:
+            return Outcome(False, f"could not place {hosts} hosts of {bundle} ({cfg.ray.placement}) within "
+                                  f"ray.startup_s={cfg.ray.startup_s:g} s")
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
             return Outcome(False, f"starting the group failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        finally:
-            for a in actors:
-                ray.kill(a, no_restart=True)
-            remove_placement_group(pg)
 
     def _watch(self, number: int, actors: list, refs: list) -> Outcome:
         cfg = self.cfg

@@ -1,16 +1,21 @@
 """Scaling study: GTF-DEER over device and process counts, with the sequential baseline beside it.
 
     python launch/scaling.py --devices 1,2,4,8 [--hosts 1,2] --T 65536[,…] --latent M [--hidden L]
-        [--jacobian dense|diagonal] [--mode strong|weak] [--pin] [--repeats 3] --out DIR
+        [--jacobian dense|diagonal] [--mode strong|weak] [--pin | --ray [--placement S]] [--repeats 3] --out DIR
 
 Each (hosts, devices, T) point runs in fresh processes on this machine: one process with ``devices``
 simulated CPU devices (``XLA_FLAGS``), or ``hosts`` real ``jax.distributed`` processes with
 ``devices/hosts`` devices each (localhost coordinator).  ``--pin`` pins process k to core k with
 ``taskset`` (XLA's thread flags do not keep a CPU process on one core, DESIGN §4): use it for
 process-count comparisons, and run nothing else meanwhile.  ``--mode weak`` scales T with the device
-count (T per device fixed); ``strong`` keeps T.  Accelerator hosts: run it on the GPU node (or as a
-``ray job submit`` entrypoint, which runs it on the node the job lands on) — each point then uses
-that node's GPUs.
+count (T per device fixed); ``strong`` keeps T.
+
+``--ray`` runs each point's processes as Ray actors instead, one per bundle of a placement group
+(``--placement``, default STRICT_SPREAD: one process per node of the cluster at ``RAY_ADDRESS``; a
+one-node local Ray packs them), each owning ``devices/hosts`` GPUs on a GPU cluster or that many
+simulated CPU devices; the rows record their nodes.  As a ``ray job submit`` entrypoint with
+``--ray``, the multi-process points span the cluster's nodes; without it, every point runs on the node
+the job lands on.
 
 Writes ``DIR/scaling.json`` (every row, raw), ``DIR/scaling.csv``, ``DIR/scaling.png`` and, given
 three or more distinct (slice, devices) points, ``DIR/costmodel.json``: the constants of
@@ -74,6 +79,28 @@ def run_point(hosts: int, devices: int, T: int, args, out_dir: str) -> dict:
             raise RuntimeError(f"point hosts={hosts} devices={devices} T={T} failed:\n{log[-2000:]}")
     with open(path) as f:
         return json.load(f)
+
+
+def run_point_ray(hosts: int, devices: int, T: int, args, out_dir: str) -> dict:
+    """Measure one point as ``hosts`` Ray actors (one JAX process each) placed by a placement group
+    (``--placement``, STRICT_SPREAD by default: one process per node); the row records the nodes."""
+    import ray
+
+    from distdeer import group
+
+    bundle, env = group.host_resources(devices // hosts, 1)
+    point = dict(T=T, M=args.latent, L=args.hidden, jacobian=args.jacobian, repeats=args.repeats)
+    try:
+        with group.host_group(hosts, bundle, env, args.placement, args.timeout) as (actors, where, coordinator):
+            rows = ray.get([a.measure.remote(coordinator, hosts, r, args.timeout, point) for r, a in enumerate(actors)],
+                           timeout=args.timeout)
+    except group.PlacementTimeout:
+        raise RuntimeError(f"point hosts={hosts} devices={devices} T={T}: could not place {hosts} bundles of {bundle} "
+                           f"({args.placement}) within {args.timeout} s") from None
+    row = dict(rows[0], nodes=[w["node_id"] for w in where], node_ips=[w["node_ip"] for w in where])
+    with open(os.path.join(out_dir, f"row-h{hosts}-d{devices}-T{T}.json"), "w") as f:
+        json.dump(row, f, indent=1, default=float)
+    return row
 
 
 def write_outputs(rows: list[dict], out_dir: str, meta: dict) -> None:
@@ -148,11 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pin", action="store_true", help="pin process k to core k (taskset)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--ray", action="store_true",
+                    help="run each point's processes as Ray actors (RAY_ADDRESS, or a local Ray) instead of local processes")
+    ap.add_argument("--placement", default="STRICT_SPREAD", help="placement group strategy of --ray (one bundle per process)")
     ap.add_argument("--out", required=True)
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:
         return 2 if e.code else 0
+    if args.pin and args.ray:
+        print("scaling: error: --pin applies to local processes; Ray places its own (use --placement)", file=sys.stderr)
+        return 2
     if args.pin and shutil.which("taskset") is None:
         print("scaling: error: --pin needs taskset (util-linux)", file=sys.stderr)
         return 2
@@ -168,6 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": " ".join(["python", "launch/scaling.py"] + (argv if argv is not None else sys.argv[1:])),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
             "mode": args.mode, "pinned": args.pin}
+    measure = run_point
+    if args.ray:
+        from distdeer import group
+
+        import ray
+
+        args.placement = group.connect(max(args.hosts), 1, args.placement, prog="scaling")
+        meta.update(ray_nodes=sum(n["Alive"] for n in ray.nodes()), placement=args.placement)
+        measure = run_point_ray
     rows = []
     for hosts in args.hosts:
         for devices in args.devices:
@@ -175,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for T in args.T:
                 total = T * devices if args.mode == "weak" else T
-                row = run_point(hosts, devices, total, args, args.out)
+                row = measure(hosts, devices, total, args, args.out)
                 rows.append(row)
                 print(f"hosts={hosts} devices={devices} T={total}: value+grad {row['value_grad_s'] * 1e3:.1f} ms, "
                       f"{row['newton_iterations']} iterations, {row['per_iteration_s'] * 1e3:.2f} ms/iteration, "

@@ -56,19 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Ray starts its processes with fork+exec; JAX's warning about fork does not apply to exec.
     warnings.filterwarnings("ignore", message="os.fork\\(\\) was called", category=RuntimeWarning)
-    import ray
-
     from distdeer import group
 
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        cpus = max(os.cpu_count() or 1, int(cfg.mesh.hosts * cfg.ray.cpus_per_host + 0.999))
-        ray.init(num_cpus=cpus, include_dashboard=False)
-        if cfg.ray.placement.startswith("STRICT_SPREAD") and len(ray.nodes()) < cfg.mesh.hosts:
-            print(f"distdeer: local Ray (one node): {cfg.mesh.hosts} processes share this machine (placement PACK)",
-                  file=sys.stderr)
-            cfg.ray.placement = "PACK"
+    cfg.ray.placement = group.connect(cfg.mesh.hosts, cfg.ray.cpus_per_host, cfg.ray.placement)
     loop.start_run_dir(cfg, source.info)
     supervisor = group.Supervisor(cfg)
     supervisor.install_signal_handlers()

@@ -188,3 +188,18 @@ def test_solver_traces_float32_matmuls(name):
     highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
     assert len(precisions) >= 4, precisions  # step, Jacobians, scan, adjoint products
     assert all(p == highest for p in precisions), precisions
+
+
+def test_training_and_evaluation_run_with_float32_matmuls():
+    """Training (both solvers) and evaluation's free runs trace under the same full-precision setting as
+    the solver, so a GPU computes the recurrence a CPU computes."""
+    from distdeer import eval as eval_mod
+    from distdeer.precision import float32_matmuls
+    from distdeer.train import loop
+
+    for fn in (loop.run, eval_mod.evaluate):  # wrappers made by float32_matmuls share one code object
+        assert fn.__code__ is float32_matmuls(len).__code__, fn
+    traced = float32_matmuls(lambda a: a @ a)
+    with jax.default_matmul_precision("tensorfloat32"):
+        precisions = _dot_precisions(jax.make_jaxpr(traced)(jnp.eye(3)).jaxpr)
+    assert precisions == [(jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)]

@@ -282,3 +282,24 @@ def test_ray_job_submit_with_token_auth(cluster, config_file, baseline, tmp_path
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "succeeded" in proc.stdout
     assert final_sha(run_dir) == final_sha(baseline)
+
+
+def test_scaling_study_places_processes_on_nodes(cluster, tmp_path):
+    """launch/scaling.py --ray on the cluster: the 2-process point runs on two nodes (STRICT_SPREAD), the
+    1-process point on one; both layouts solve the same problem to the same loss."""
+    out = tmp_path / "study"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "scaling.py"), "--ray", "--devices", "2",
+                           "--hosts", "1,2", "--T", "257", "--latent", "3", "--hidden", "8", "--repeats", "1",
+                           "--out", str(out)], env=dict(os.environ, RAY_ADDRESS=cluster.address),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    study = json.loads((out / "scaling.json").read_text())
+    assert study["ray_nodes"] >= 3 and study["placement"] == "STRICT_SPREAD"  # live nodes (an earlier test removes one)
+    rows = {r["processes"]: r for r in study["rows"]}
+    assert sorted(rows) == [1, 2] and all(r["devices"] == 2 and r["converged"] for r in rows.values())
+    assert len(rows[1]["nodes"]) == 1 and len(set(rows[2]["nodes"])) == 2
+    assert cluster.head_node.node_id not in rows[2]["nodes"]  # the head has no CPUs to give
+    assert rows[1]["collective_bytes"] == rows[2]["collective_bytes"] > 0
+    assert abs(rows[1]["loss"] - rows[2]["loss"]) <= 1e-5 * abs(rows[1]["loss"])
+    assert rows[2]["bptt_value_grad_s"] == rows[1]["bptt_value_grad_s"] > 0  # measured once, copied
+    assert (out / "scaling.png").stat().st_size > 10_000

@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from distdeer import gtf
 from distdeer.bench import solver as solver_bench
+from distdeer.precision import float32_matmuls
 from distdeer.models import plrnn
 from distdeer.solver import newton, scan
 
@@ -64,7 +65,7 @@ def _best(fn, args, repeats: int) -> float:
     return solver_bench._time(fn, args, repeats)[0]
 
 
-@newton.float32_matmuls  # as inside the solver
+@float32_matmuls  # as inside the solver
 def breakdown(T: int, M: int, L: int, jacobian: str, repeats: int = 3) -> dict:
     """Per-iteration pieces on one device's slice, and the collectives on the whole mesh."""
     Pn = len(jax.devices())
@@ -149,7 +150,7 @@ def _forward_collective_bytes(T: int, M: int, L: int, jacobian: str, Pn: int) ->
     return collective_bytes(fn.lower(params, S(M), S(T, M)).compile().as_text())
 
 
-@newton.float32_matmuls  # as inside the solver
+@float32_matmuls  # as inside the solver
 def scan_bandwidth(T: int, M: int, method: str | None = None, repeats: int = 3) -> dict:
     """Achieved memory bandwidth of the local affine scan on one device: time of ``local_pass`` +
     ``finish`` over T dense maps, against the least traffic it must move (read T (M² + M) inputs, write
@@ -167,6 +168,20 @@ def scan_bandwidth(T: int, M: int, method: str | None = None, repeats: int = 3) 
     moved = 4 * T * (M * M + M + M)
     return {"T": T, "M": M, "method": method, "seconds": t, "bytes_min": moved, "GB_per_s": moved / t / 1e9,
             "device_kind": jax.devices()[0].device_kind}
+
+
+def measure_in_group(coordinator: str | None, hosts: int, rank: int, timeout_s: int, *, T: int, M: int, L: int,
+                     jacobian: str = "dense", repeats: int = 3, baseline: bool = True) -> dict | None:
+    """``measure`` as rank ``rank`` of ``hosts`` ``jax.distributed`` processes (one process: no group);
+    the row on process 0, None on the others.  The BPTT baseline runs only in one-process rows."""
+    from distdeer import distributed
+
+    if hosts > 1:
+        distributed.initialize(coordinator, hosts, rank, timeout_s)
+    row = measure(T, M, L, jacobian, repeats, baseline=baseline and hosts == 1)
+    if hosts > 1:
+        distributed.shutdown()
+    return row if rank == 0 else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,18 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    if a.hosts > 1:
-        from distdeer import distributed
-
-        distributed.initialize(a.coordinator, a.hosts, a.rank)
-    row = measure(a.T, a.latent, a.hidden, a.jacobian, a.repeats, baseline=not a.no_baseline and a.hosts == 1)
-    if jax.process_index() == 0:
+    row = measure_in_group(a.coordinator, a.hosts, a.rank, 300, T=a.T, M=a.latent, L=a.hidden, jacobian=a.jacobian,
+                           repeats=a.repeats, baseline=not a.no_baseline)
+    if row is not None:
         with open(a.out, "w") as f:
             json.dump(row, f, indent=1, default=float)
-    if a.hosts > 1:
-        from distdeer import distributed
-
-        distributed.shutdown()
     return 0
 
 

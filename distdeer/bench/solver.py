@@ -27,7 +27,7 @@ from distdeer import gtf
 from distdeer.data import systems
 from distdeer.models import plrnn
 from distdeer.solver import deer, sequential
-from distdeer.solver.newton import float32_matmuls
+from distdeer.precision import float32_matmuls
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from functools import partial, wraps
+from functools import partial
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from distdeer.precision import float32_matmuls
 from distdeer.solver import scan, vma
 
 
@@ -317,24 +318,6 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
 
 
 # ---------------------------------------------------------------------------------------------
-
-def float32_matmuls(fn):
-    """Trace ``fn`` with full-precision matrix products (``jax.default_matmul_precision("float32")``).
-
-    Newton needs each linear solve (the scan's products of Jacobians) and the residual accurate to the
-    working dtype.  On GPUs JAX's default float32 matmul is TF32 (10-bit mantissa): measured on an
-    H200, a float32 solve then stalled at a residual of ~1e-3 for 200 iterations (T = 10^5, M = 3)
-    where the CPU converges in ~11.  The context applies to everything traced inside, the user's step
-    included, and is a no-op on CPUs and for float64.  The benchmarks time the solver's pieces and the
-    sequential baseline under it too."""
-
-    @wraps(fn)
-    def traced(*args, **kwargs):
-        with jax.default_matmul_precision("float32"):
-            return fn(*args, **kwargs)
-
-    return traced
-
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def solve_slice(dyn: Dynamics, opts: Options, batched: bool, params, z0, xs, init) -> Solution:

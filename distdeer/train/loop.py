@@ -42,6 +42,7 @@ from distdeer import mesh as mesh_mod
 from distdeer import plots
 from distdeer.config import Config, ConfigError
 from distdeer.data import loader, store
+from distdeer.precision import float32_matmuls
 from distdeer.models import Model
 from distdeer.train import checkpoint
 from distdeer.train.step import TrainState, init_state, make_train_step
@@ -207,6 +208,7 @@ def initial_state(model: Model, cfg: Config, series: jax.Array, length: int, mes
     return state
 
 
+@float32_matmuls  # distdeer/precision.py: the GPU default (TF32) is too coarse
 def run(cfg: Config, control: Control | None = None) -> dict:
     """Train (or resume) the configured run; returns a summary dict.
 
