@@ -27,6 +27,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -101,8 +102,6 @@ def connect(hosts: int, cpus_per_host: float, placement: str, prog: str = "distd
     """Join the cluster at ``RAY_ADDRESS``, or start a local Ray with room for ``hosts`` processes.
     Returns the placement strategy to use: on a one-node local Ray a STRICT_SPREAD group of several
     hosts cannot be placed, so it becomes PACK (said on stderr)."""
-    import sys
-
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return placement

@@ -32,8 +32,8 @@ from jax.sharding import PartitionSpec as P
 
 from distdeer import gtf
 from distdeer.bench import solver as solver_bench
-from distdeer.precision import float32_matmuls
 from distdeer.models import plrnn
+from distdeer.precision import float32_matmuls
 from distdeer.solver import newton, scan
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s(all-gather|collective-permute|all-reduce|all-to-all)"

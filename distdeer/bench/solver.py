@@ -26,8 +26,8 @@ import numpy as np
 from distdeer import gtf
 from distdeer.data import systems
 from distdeer.models import plrnn
-from distdeer.solver import deer, sequential
 from distdeer.precision import float32_matmuls
+from distdeer.solver import deer, sequential
 
 
 @dataclasses.dataclass(frozen=True)
