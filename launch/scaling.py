@@ -59,9 +59,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _row_path(out_dir: str, hosts: int, devices: int, T: int) -> str:
+    return os.path.join(out_dir, f"row-h{hosts}-d{devices}-T{T}.json")
+
+
 def run_point(hosts: int, devices: int, T: int, args, out_dir: str) -> dict:
     """Measure one point in fresh processes; returns the row (raises on a failed worker)."""
-    path = os.path.join(out_dir, f"row-h{hosts}-d{devices}-T{T}.json")
+    path = _row_path(out_dir, hosts, devices, T)
     per_host = devices // hosts
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={per_host}")
     base = [sys.executable, "-m", "distdeer.bench.scaling", "--T", str(T), "--latent", str(args.latent),
@@ -98,7 +102,7 @@ def run_point_ray(hosts: int, devices: int, T: int, args, out_dir: str) -> dict:
         raise RuntimeError(f"point hosts={hosts} devices={devices} T={T}: could not place {hosts} bundles of {bundle} "
                            f"({args.placement}) within {args.timeout} s") from None
     row = dict(rows[0], nodes=[w["node_id"] for w in where], node_ips=[w["node_ip"] for w in where])
-    with open(os.path.join(out_dir, f"row-h{hosts}-d{devices}-T{T}.json"), "w") as f:
+    with open(_row_path(out_dir, hosts, devices, T), "w") as f:
         json.dump(row, f, indent=1, default=float)
     return row
 
@@ -203,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             "mode": args.mode, "pinned": args.pin}
     measure = run_point
     if args.ray:
-        from distdeer import group
-
         import ray
+
+        from distdeer import group
 
         args.placement = group.connect(max(args.hosts), 1, args.placement, prog="scaling")
         meta.update(ray_nodes=sum(n["Alive"] for n in ray.nodes()), placement=args.placement)
