@@ -110,6 +110,8 @@ class RayConfig:
     startup_s: float = 900.0  # allowance for placing the group, starting JAX and the first step (compile)
     placement: str = "STRICT_SPREAD"  # one process per node; PACK to let a small cluster share nodes
     cpus_per_host: float = 1.0  # CPUs reserved per worker process
+    # refuse at launch a group the cluster's live nodes can never hold (false on an autoscaling cluster)
+    check_placement: bool = True
 
 
 @dataclasses.dataclass

@@ -126,6 +126,27 @@ def host_resources(devices_per_host: int, cpus_per_host: float) -> tuple[dict, d
     return bundle, env
 
 
+def unplaceable(hosts: int, bundle: dict, strategy: str) -> str | None:
+    """Why ``hosts`` bundles of ``bundle`` can never be placed with ``strategy`` on the cluster's live
+    nodes, or None when they can.  Judged from each node's total resources, not what is free now (busy
+    resources are waited for), so it answers "never as the cluster stands": a cluster that adds nodes on
+    demand (autoscaling) needs the check switched off (``ray.check_placement``, ``--no-placement-check``)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    # how many bundles one node can hold
+    rooms = [min(int(res.get(k, 0) // v) if v > 0 else hosts for k, v in bundle.items()) for res in nodes]
+    if strategy.startswith("STRICT_SPREAD"):
+        fits, how = sum(r >= 1 for r in rooms) >= hosts, "one per node"
+    elif strategy.startswith("STRICT_PACK"):
+        fits, how = max(rooms, default=0) >= hosts, "all on one node"
+    else:
+        fits, how = sum(rooms) >= hosts, "in all"
+    if fits:
+        return None
+    have = ", ".join(f"{k} {max((res.get(k, 0) for res in nodes), default=0):g}" for k in bundle)
+    return (f"cannot place {hosts} processes of {bundle} ({strategy}: {how}): the cluster has {len(nodes)} live "
+            f"node(s), of which {sum(r >= 1 for r in rooms)} can hold one (largest node: {have})")
+
+
 class PlacementTimeout(RuntimeError):
     """The placement group's bundles could not be placed in time."""
 

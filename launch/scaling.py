@@ -13,7 +13,9 @@ count (T per device fixed); ``strong`` keeps T.
 ``--ray`` runs each point's processes as Ray actors instead, one per bundle of a placement group
 (``--placement``, default STRICT_SPREAD: one process per node of the cluster at ``RAY_ADDRESS``; a
 one-node local Ray packs them), each owning ``devices/hosts`` GPUs on a GPU cluster or that many
-simulated CPU devices; the rows record their nodes.  As a ``ray job submit`` entrypoint with
+simulated CPU devices; the rows record their nodes.  A (hosts, devices) point that the cluster's live
+nodes can never hold (e.g. 16 GPUs per process on 8-GPU nodes) is refused, exit 2, before any point is
+measured (``--no-placement-check`` on a cluster that adds nodes on demand).  As a ``ray job submit`` entrypoint with
 ``--ray``, the multi-process points span the cluster's nodes; without it, every point runs on the node
 the job lands on.
 
@@ -182,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ray", action="store_true",
                     help="run each point's processes as Ray actors (RAY_ADDRESS, or a local Ray) instead of local processes")
     ap.add_argument("--placement", default="STRICT_SPREAD", help="placement group strategy of --ray (one bundle per process)")
+    ap.add_argument("--no-placement-check", action="store_true",
+                    help="--ray: do not refuse points the cluster's live nodes cannot hold (autoscaling clusters)")
     ap.add_argument("--out", required=True)
     try:
         args = ap.parse_args(argv)
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(os.path.join(args.out, "scaling.json")):
         print(f"scaling: error: {args.out}/scaling.json exists; choose another --out", file=sys.stderr)
         return 2
-    os.makedirs(args.out, exist_ok=True)
+    points = [(h, d) for h in args.hosts for d in args.devices if d >= h]
     meta = {"command": " ".join(["python", "launch/scaling.py"] + (argv if argv is not None else sys.argv[1:])),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
             "mode": args.mode, "pinned": args.pin}
@@ -214,18 +218,24 @@ def main(argv: list[str] | None = None) -> int:
         args.placement = group.connect(max(args.hosts), 1, args.placement, prog="scaling")
         meta.update(ray_nodes=sum(n["Alive"] for n in ray.nodes()), placement=args.placement)
         measure = run_point_ray
+        # every point is checked before any is measured: a study should not fail at its last point
+        problems = [] if args.no_placement_check else [
+            (h, d, p) for h, d in points if (p := group.unplaceable(h, group.host_resources(d // h, 1)[0], args.placement))]
+        if problems:
+            h, d, p = problems[0]
+            print(f"scaling: error: point hosts={h} devices={d}: {p}; "
+                  f"{len(problems)} of {len(points)} (hosts, devices) points cannot be placed", file=sys.stderr)
+            return 2
+    os.makedirs(args.out, exist_ok=True)
     rows = []
-    for hosts in args.hosts:
-        for devices in args.devices:
-            if devices < hosts:
-                continue
-            for T in args.T:
-                total = T * devices if args.mode == "weak" else T
-                row = measure(hosts, devices, total, args, args.out)
-                rows.append(row)
-                print(f"hosts={hosts} devices={devices} T={total}: value+grad {row['value_grad_s'] * 1e3:.1f} ms, "
-                      f"{row['newton_iterations']} iterations, {row['per_iteration_s'] * 1e3:.2f} ms/iteration, "
-                      f"collectives {row['collective_bytes']} B", flush=True)
+    for hosts, devices in points:
+        for T in args.T:
+            total = T * devices if args.mode == "weak" else T
+            row = measure(hosts, devices, total, args, args.out)
+            rows.append(row)
+            print(f"hosts={hosts} devices={devices} T={total}: value+grad {row['value_grad_s'] * 1e3:.1f} ms, "
+                  f"{row['newton_iterations']} iterations, {row['per_iteration_s'] * 1e3:.2f} ms/iteration, "
+                  f"collectives {row['collective_bytes']} B", flush=True)
     write_outputs(rows, args.out, meta)
     print(f"scaling: wrote {args.out}/scaling.csv, scaling.json, scaling.png")
     return 0

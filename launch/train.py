@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     from distdeer import group
 
     cfg.ray.placement = group.connect(cfg.mesh.hosts, cfg.ray.cpus_per_host, cfg.ray.placement)
+    if cfg.ray.check_placement:
+        bundle, _ = group.host_resources(cfg.mesh.devices_per_host, cfg.ray.cpus_per_host)
+        problem = group.unplaceable(cfg.mesh.hosts, bundle, cfg.ray.placement)
+        if problem:
+            print(f"distdeer: error: {problem} (mesh.hosts, --devices-per-host, ray.placement)", file=sys.stderr)
+            return 2
     loop.start_run_dir(cfg, source.info)
     supervisor = group.Supervisor(cfg)
     supervisor.install_signal_handlers()

@@ -29,7 +29,7 @@ model: {{kind: clipped_shplrnn, latent: 3, hidden: 8}}
 gtf: {{mode: adaptive, every: 5}}
 train: {{steps: {STEPS}, lr: 2.0e-3, lr_end: 5.0e-4, log_every: 1}}
 checkpoint: {{every: 5, keep: 2}}
-ray: {{max_failures: 2, watchdog_s: 6, startup_s: 180}}
+ray: {{max_failures: 2, watchdog_s: 20, startup_s: 180}}
 eval: {{at_end: false}}
 """
 
@@ -194,7 +194,7 @@ def test_hang_is_caught_by_the_watchdog(cluster, config_file, baseline, tmp_path
     assert proc.returncode == 0, out[-4000:]
     cause = [e for e in events(run_dir) if e["event"] == "failure"][0]["cause"]
     assert "watchdog" in cause, cause
-    assert detected < 6 + 10
+    assert detected < 20 + 10
     assert final_sha(run_dir) == final_sha(baseline)
 
 
@@ -267,6 +267,9 @@ def test_bad_input_exit_2_nothing_written(cluster, config_file, tmp_path):
     assert code == 2 and out.strip().splitlines()[-1].startswith("distdeer: error: train.lr")
     code, out = launch(cluster, config_file, str(run_dir), "data.path=/nonexistent.zarr")
     assert code == 2 and "not found" in out.strip().splitlines()[-1]
+    # more hosts than live nodes (STRICT_SPREAD): refused at once, not after ray.startup_s of waiting
+    code, out = launch(cluster, config_file, str(run_dir), hosts=5, devices=1)
+    assert code == 2 and out.strip().splitlines()[-1].startswith("distdeer: error: cannot place 5 processes"), out
     assert not run_dir.exists()
 
 
@@ -288,10 +291,17 @@ def test_scaling_study_places_processes_on_nodes(cluster, tmp_path):
     """launch/scaling.py --ray on the cluster: the 2-process point runs on two nodes (STRICT_SPREAD), the
     1-process point on one; both layouts solve the same problem to the same loss."""
     out = tmp_path / "study"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "scaling.py"), "--ray", "--devices", "2",
-                           "--hosts", "1,2", "--T", "257", "--latent", "3", "--hidden", "8", "--repeats", "1",
-                           "--out", str(out)], env=dict(os.environ, RAY_ADDRESS=cluster.address),
-                          capture_output=True, text=True, timeout=600)
+    study = [sys.executable, os.path.join(ROOT, "launch", "scaling.py"), "--ray", "--T", "257", "--latent", "3",
+             "--hidden", "8", "--repeats", "1", "--out", str(out)]
+    env = dict(os.environ, RAY_ADDRESS=cluster.address)
+    # a study with a point no layout of the live nodes can hold is refused before anything runs
+    proc = subprocess.run(study + ["--devices", "2,5", "--hosts", "1,5"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and not out.exists(), (proc.stdout + proc.stderr)[-4000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("scaling: error: point hosts=5 devices=5: cannot place"), \
+        proc.stderr
+    proc = subprocess.run(study + ["--devices", "2", "--hosts", "1,2"], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     study = json.loads((out / "scaling.json").read_text())
     assert study["ray_nodes"] >= 3 and study["placement"] == "STRICT_SPREAD"  # live nodes (an earlier test removes one)
