@@ -29,7 +29,7 @@ model: {{kind: clipped_shplrnn, latent: 3, hidden: 8}}
 gtf: {{mode: adaptive, every: 5}}
 train: {{steps: {STEPS}, lr: 2.0e-3, lr_end: 5.0e-4, log_every: 1}}
 checkpoint: {{every: 5, keep: 2}}
-ray: {{max_failures: 2, watchdog_s: 20, startup_s: 180}}
+ray: {{max_failures: 2, watchdog_s: 20, startup_s: 600}}
 eval: {{at_end: false}}
 """
 
