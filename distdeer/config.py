@@ -50,6 +50,10 @@ class ModelConfig:
     hidden: int = 50  # L (shPLRNN family)
     nonlinear: int = 2  # P (ALRNN): units passed through the ReLU
     readout: str = "identity"  # identity (first N units) | affine (x = B z + b)
+    # identity readout with M > N: the unforced units' rows of the map's weights (W1, or W) start scaled by
+    # this, so their Jacobian block starts near diag(a) — contractive.  GTF does not damp those units, and
+    # whole-series DEER converges slowly while they are expansive (docs/results.md, slow–fast)
+    unforced_init: float = 1.0
 
 
 @dataclasses.dataclass
@@ -156,7 +160,7 @@ POSITIVE = ("data.steps", "data.dt", "model.latent", "model.hidden", "gtf.every"
             "solver.max_iter", "train.steps", "train.batch", "train.lr", "train.lr_end", "train.log_every",
             "checkpoint.every", "checkpoint.keep", "train.seq_len", "mesh.devices",
             "mesh.hosts", "mesh.devices_per_host", "ray.watchdog_s", "ray.startup_s", "ray.cpus_per_host")
-NON_NEGATIVE = ("data.noise", "model.nonlinear", "train.clip", "train.lambda_lat", "train.noise", "ray.max_failures")
+NON_NEGATIVE = ("data.noise", "model.nonlinear", "model.unforced_init", "train.clip", "train.lambda_lat", "train.noise", "ray.max_failures")
 
 
 def _check_type(key: str, value: Any, tp) -> Any:

@@ -57,6 +57,30 @@ def test_readout_inversion():
         Model.from_config(ModelConfig(latent=2), observed=3)
 
 
+@pytest.mark.parametrize("kind", ["clipped_shplrnn", "alrnn"])
+def test_unforced_init_scales_only_the_unforced_rows(kind):
+    """model.unforced_init: the unforced units' weight rows start scaled, so their Jacobian block starts
+    within 0.1·‖W-block‖ of diag(a) (contractive); forced rows, a, h and the other parameters unchanged."""
+    base = Model(kind, latent=6, observed=3, hidden=50, nonlinear=3)
+    small = Model.from_config(ModelConfig(kind=kind, latent=6, hidden=50, nonlinear=3, unforced_init=0.1), 3)
+    p, q = base.init(jax.random.PRNGKey(2)), small.init(jax.random.PRNGKey(2))
+    W = "W1" if "W1" in p["F"] else "W"
+    np.testing.assert_allclose(q["F"][W][3:], 0.1 * p["F"][W][3:], rtol=1e-6)
+    np.testing.assert_array_equal(q["F"][W][:3], p["F"][W][:3])
+    for k in p["F"]:
+        if k != W:
+            np.testing.assert_array_equal(q["F"][k], p["F"][k])
+    for i in range(5):
+        z = 2 * jax.random.normal(jax.random.PRNGKey(10 + i), (6,))
+        block = np.asarray(small.jac(q["F"], z))[3:, 3:]
+        a = np.asarray(q["F"]["a"])[3:]
+        assert np.linalg.norm(block - np.diag(a), 2) <= 0.1 * np.linalg.norm(np.asarray(base.jac(p["F"], z))[3:, 3:] - np.diag(a), 2) + 1e-6
+        assert np.max(np.abs(np.linalg.eigvals(block))) < 1.0
+    # an affine readout forces every unit: nothing to scale
+    aff = Model.from_config(ModelConfig(kind=kind, latent=6, hidden=50, nonlinear=3, readout="affine", unforced_init=0.1), 3)
+    np.testing.assert_array_equal(aff.init(jax.random.PRNGKey(2))["F"][W], p["F"][W])
+
+
 def test_alpha_rule_and_norm_estimates():
     assert float(gtf.alpha_from_norm(jnp.float32(0.5))) == 0.0
     np.testing.assert_allclose(gtf.alpha_from_norm(jnp.float32(4.0)), 0.75)

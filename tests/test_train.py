@@ -191,6 +191,7 @@ def test_sigterm_during_the_final_evaluation_keeps_the_finished_run(tmp_path):
     (None, ["train.lr=-0.1"], "train.lr: must be > 0"),
     (None, ["data.path=/nonexistent/x.npy"], "not found"),
     (None, ["model.latent=2"], "smaller than the observed"),
+    (None, ["model.unforced_init=-0.1"], "model.unforced_init: must be >= 0"),
     (None, ["mesh.devices=64"], "devices"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, setup, args, needle):

@@ -28,13 +28,14 @@ class Model:
     hidden: int = 50
     nonlinear: int = 2
     readout: str = "identity"
+    unforced_init: float = 1.0  # initial scale of the unforced units' weight rows (ModelConfig)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, observed: int) -> "Model":
         if cfg.readout == "identity" and cfg.latent < observed:
             raise ValueError(f"model.latent ({cfg.latent}) is smaller than the observed dimension "
                              f"({observed}); an identity readout needs latent >= observed")
-        return cls(cfg.kind, cfg.latent, observed, cfg.hidden, cfg.nonlinear, cfg.readout)
+        return cls(cfg.kind, cfg.latent, observed, cfg.hidden, cfg.nonlinear, cfg.readout, cfg.unforced_init)
 
     # -- the map and its Jacobians -------------------------------------------------------------
     def _fns(self) -> tuple[Callable, Callable, Callable]:
@@ -70,6 +71,10 @@ class Model:
             F = plrnn.init_alrnn(kf, M)
         else:
             F = plrnn.init_plrnn(kf, M)
+        if self.readout == "identity" and M > N and self.unforced_init != 1.0:
+            # The unforced units' input rows: their Jacobian block is then ≈ diag(a) (+ this scale).
+            W = "W1" if "W1" in F else "W"
+            F[W] = F[W].at[N:].multiply(self.unforced_init)
         if self.readout == "identity":
             readout = {"L": jnp.zeros((M - N, N))} if M > N else {}  # Orbax stores no empty arrays
         else:
