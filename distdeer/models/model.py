@@ -72,7 +72,8 @@ class Model:
         else:
             F = plrnn.init_plrnn(kf, M)
         if self.readout == "identity" and M > N and self.unforced_init != 1.0:
-            # The unforced units' input rows: their Jacobian block is then ≈ diag(a) (+ this scale).
+            # The unforced units' rows: their Jacobian block is diag(a) plus `unforced_init` times the
+            # default coupling, so it starts contractive for a small factor (GTF does not damp these units).
             W = "W1" if "W1" in F else "W"
             F[W] = F[W].at[N:].multiply(self.unforced_init)
         if self.readout == "identity":
