@@ -132,8 +132,8 @@ def unplaceable(hosts: int, bundle: dict, strategy: str) -> str | None:
     resources are waited for), so it answers "never as the cluster stands": a cluster that adds nodes on
     demand (autoscaling) needs the check switched off (``ray.check_placement``, ``--no-placement-check``)."""
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    # how many bundles one node can hold
-    rooms = [min(int(res.get(k, 0) // v) if v > 0 else hosts for k, v in bundle.items()) for res in nodes]
+    # how many bundles one node can hold (bundle amounts are positive: config validation)
+    rooms = [min(int(res.get(k, 0) // v) for k, v in bundle.items()) for res in nodes]
     if strategy.startswith("STRICT_SPREAD"):
         fits, how = sum(r >= 1 for r in rooms) >= hosts, "one per node"
     elif strategy.startswith("STRICT_PACK"):
