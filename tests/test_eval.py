@@ -58,3 +58,22 @@ def test_figures_for_any_dimension(tmp_path, n):
     plots.timeseries_figure(x, gen, str(tmp_path / "t.png"))
     for name in ("a.png", "s.png", "t.png"):
         assert (tmp_path / name).stat().st_size > 5000
+
+
+@pytest.mark.parametrize("a,expected", [((0.5, 0.8), np.log(0.8)), ((0.9, 1.02), np.log(1.02))])
+def test_largest_lyapunov_of_a_linear_map_is_the_log_spectral_radius(a, expected):
+    """F(z) = diag(a) z + h (a PLRNN with W = 0): every tangent vector ends on the dominant eigenvector,
+    so the exponent per step is log max|a| — analytic, whatever the transient."""
+    import jax
+    import jax.numpy as jnp
+
+    from distdeer.models import Model
+
+    model = Model("plrnn", latent=2, observed=2)
+    params = model.init(jax.random.PRNGKey(0))
+    params["F"] = {"a": jnp.asarray(a, jnp.float32), "W": jnp.zeros((2, 2), jnp.float32),
+                   "h": jnp.asarray([0.1, -0.2], jnp.float32)}
+    for transient in (0, 300):
+        lyap = eval_mod.largest_lyapunov(model, params, np.asarray([0.3, 0.4], np.float32), transient=transient,
+                                         steps=2000)
+        assert lyap == pytest.approx(expected, abs=2e-3)

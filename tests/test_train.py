@@ -445,6 +445,7 @@ def test_evaluation_at_the_end_and_summary_over_runs(straight, tmp_path):
     assert ev["D_H"]["sigma"] == 20.0 and ev["PE"]["n"] == 20
     assert ev["T_test"] == 1500 and ev["protocol"]["free_run_steps"] == 1500 + 375
     assert ev["lyapunov_max"]["system_reference_per_time_unit"] == pytest.approx(0.9056)
+    assert ev["lyapunov_max"]["transient"] == 375  # measured on the stretch the protocol compares
     for name in ("attractor.png", "spectrum.png", "timeseries.png"):
         assert os.path.getsize(run / name) > 10_000
     gen = np.load(run / "generated.npy")
