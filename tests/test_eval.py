@@ -2,10 +2,13 @@
 
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from distdeer import eval as eval_mod
+from distdeer.models import Model
 
 
 def result(run_dir, d_stsp, d_h=0.1, pe=0.01, lyap=0.9, diverged=False, test_data="test.npy", sigma=20.0):
@@ -64,11 +67,6 @@ def test_figures_for_any_dimension(tmp_path, n):
 def test_largest_lyapunov_of_a_linear_map_is_the_log_spectral_radius(a, expected):
     """F(z) = diag(a) z + h (a PLRNN with W = 0): every tangent vector ends on the dominant eigenvector,
     so the exponent per step is log max|a| — analytic, whatever the transient."""
-    import jax
-    import jax.numpy as jnp
-
-    from distdeer.models import Model
-
     model = Model("plrnn", latent=2, observed=2)
     params = model.init(jax.random.PRNGKey(0))
     params["F"] = {"a": jnp.asarray(a, jnp.float32), "W": jnp.zeros((2, 2), jnp.float32),
