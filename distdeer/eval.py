@@ -189,10 +189,16 @@ def headline(res: dict) -> str:
             + (f" (data system {ref:.3f})" if ref is not None else ""))
 
 
+def dropped_steps(T: int) -> int:
+    """The protocol's transient: the first 0.25·T steps of the free run, dropped before comparing."""
+    return T // 4
+
+
 def protocol_run(model: Model, params, x0, T: int) -> np.ndarray:
     """The reference protocol's generated series of length T: a free run of 1.25·T steps from the
     observation ``x0`` with the first 0.25·T dropped (D_stsp depends on sample size: lengths stay equal)."""
-    return free_run(model, params, x0, T + T // 4)[T // 4:]
+    drop = dropped_steps(T)
+    return free_run(model, params, x0, T + drop)[drop:]
 
 
 def divergences(x_ref: np.ndarray, gen: np.ndarray) -> dict:
@@ -270,18 +276,19 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True, select
     if selection is not None and selection["chosen"] != step:
         _, model, params, _, step = load_run(run_dir, selection["chosen"])
     T = len(x_test)
+    drop = dropped_steps(T)
     gen = protocol_run(model, params, x_test[0], T)
     res = {"run_dir": os.path.abspath(run_dir), "step": step, "test_data": source, "T_test": T,
-           "protocol": {"free_run_steps": T + T // 4, "dropped": T // 4, "start": "first test point"},
+           "protocol": {"free_run_steps": T + drop, "dropped": drop, "start": "first test point"},
            "diverged": not bool(np.all(np.isfinite(gen)))}
     res.update(divergences(x_test, gen))
     res["PE"] = {"value": metrics.prediction_error(lambda xs, n: n_step_predictions(model, params, xs, n),
                                                    x_test, PE_STEPS), "n": PE_STEPS, "units": "standardised"}
-    lyap = largest_lyapunov(model, params, x_test[0], transient=T // 4)
+    lyap = largest_lyapunov(model, params, x_test[0], transient=drop)
     dt = sampling_interval(cfg)
     res["lyapunov_max"] = {"per_step": lyap, "per_time_unit": None if dt is None else lyap / dt, "dt": dt,
                            "system_reference_per_time_unit": reference_lyapunov(cfg),
-                           "steps": LYAPUNOV_STEPS, "transient": T // 4}
+                           "steps": LYAPUNOV_STEPS, "transient": drop}
     res["checkpoint"] = {"select": select, **({"selection": selection} if selection else {})}
     mean, std = np.asarray(norm["mean"]), np.asarray(norm["std"])
     np.save(os.path.join(run_dir, "generated.npy"), (gen * std + mean).astype(np.float32))
