@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 # The suite runs as `pytest -n 2` (README) with pyproject's `--dist loadfile --no-loadscope-reorder`: each
@@ -13,3 +15,13 @@ SECONDS = {"test_ray.py": 567, "test_train.py": 262, "test_multidevice.py": 107,
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -SECONDS.get(os.path.basename(str(item.fspath)), 0))  # stable: order kept in a file
+
+
+@pytest.fixture
+def two_cpus():
+    """Tests that run two pinned processes side by side need two schedulable CPUs: on fewer the sweep
+    (rightly) refuses ``--parallel 2``, and the failure should name the machine, not the sweep."""
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        pytest.fail(f"this test needs 2 CPUs; this process may use {len(cpus)} "
+                    f"(README: the suite needs the cores)", pytrace=False)

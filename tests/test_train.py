@@ -515,7 +515,7 @@ def test_checkpoint_selection_by_the_training_series(straight, tmp_path):
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
-def test_sweep_over_seeds_writes_a_summary(tmp_path):
+def test_sweep_over_seeds_writes_a_summary(tmp_path, two_cpus):
     base = tmp_path / "sw"
     cfg = write_config(tmp_path, base, train__steps=12, data__steps=800)
     proc = cli("sweep", cfg, "--seeds", "4,5")
@@ -550,7 +550,7 @@ def test_sweep_over_seeds_writes_a_summary(tmp_path):
     assert too_many.returncode == 2 and "exceeds" in too_many.stderr and too_many.stderr.count("\n") == 1
 
 
-def test_parallel_sweep_stops_every_seed_on_sigterm_and_resumes(tmp_path):
+def test_parallel_sweep_stops_every_seed_on_sigterm_and_resumes(tmp_path, two_cpus):
     cfg = write_config(tmp_path, tmp_path / "st", train__steps=1500, data__steps=800, checkpoint__every=500)
     proc = subprocess.Popen([sys.executable, "-m", "distdeer.cli", "sweep", cfg, "--seeds", "1,2", "--parallel", "2"],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
