@@ -3,6 +3,8 @@ import sys
 
 import pytest
 
+from distdeer.sweep import SweepError, cpu_shares
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 # The suite runs as `pytest -n 2` (README) with pyproject's `--dist loadfile --no-loadscope-reorder`: each
@@ -19,9 +21,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def two_cpus():
-    """Tests that run two pinned processes side by side need two schedulable CPUs: on fewer the sweep
-    (rightly) refuses ``--parallel 2``, and the failure should name the machine, not the sweep."""
-    cpus = os.sched_getaffinity(0)
-    if len(cpus) < 2:
-        pytest.fail(f"this test needs 2 CPUs; this process may use {len(cpus)} "
-                    f"(README: the suite needs the cores)", pytrace=False)
+    """Tests that run two pinned processes side by side need the sweep's two CPU shares: on fewer CPUs
+    the sweep (rightly) refuses ``--parallel 2``, and the failure should name the machine, not the sweep."""
+    try:
+        cpu_shares(2)
+    except SweepError as e:
+        pytest.fail(f"this test needs 2 CPUs: {e} (README: the suite needs the cores)", pytrace=False)
