@@ -17,6 +17,7 @@ candidate's numbers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -88,9 +89,10 @@ def retained_steps(run_dir: str) -> list[int]:
         mngr.close()
 
 
-def test_series(cfg, norm: dict, path: str | None) -> tuple[np.ndarray, str]:
-    """Test observations in the *training* standardisation.  Without a path, a fresh clean trajectory
-    of the configured system (another seed) is generated."""
+def test_series(cfg, norm: dict, path: str | None) -> tuple[np.ndarray, str, str]:
+    """Test observations in the *training* standardisation, (T_test, N) float32; their source (a real
+    path, or ``generated:...``); and :func:`content_digest` of the observations in their own units.
+    Without a path, a fresh clean trajectory of the configured system (another seed) is generated."""
     mean, std = np.asarray(norm["mean"]), np.asarray(norm["std"])
     if path is None:
         if cfg.data.path is not None:
@@ -109,7 +111,14 @@ def test_series(cfg, norm: dict, path: str | None) -> tuple[np.ndarray, str]:
         source = os.path.realpath(path)
     if raw.shape[1] != len(mean):
         raise EvalError(f"test data has {raw.shape[1]} dimensions, the model observes {len(mean)}")
-    return ((raw - mean) / std).astype(np.float32), source
+    return ((raw - mean) / std).astype(np.float32), source, content_digest(raw)
+
+
+def content_digest(raw: np.ndarray) -> str:
+    """SHA-256 of a series' values (as float64, with its shape): two files holding the same test series —
+    a copy elsewhere, or the same values as .npy and .zarr — are the same test data for a summary."""
+    raw = np.ascontiguousarray(raw, np.float64)
+    return hashlib.sha256(repr(raw.shape).encode() + raw.tobytes()).hexdigest()
 
 
 def free_run(model: Model, params, x0, steps: int) -> np.ndarray:
@@ -271,14 +280,14 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True, select
     if select not in SELECTIONS:
         raise EvalError(f"unknown checkpoint selection {select!r} (choose from {', '.join(SELECTIONS)})")
     # The test series is read before the selection (minutes) so that a missing one fails at once.
-    x_test, source = test_series(cfg, norm, cfg.eval.data if data is None else data)
+    x_test, source, digest = test_series(cfg, norm, cfg.eval.data if data is None else data)
     selection = select_checkpoint(run_dir) if select == "train" else None
     if selection is not None and selection["chosen"] != step:
         _, model, params, _, step = load_run(run_dir, selection["chosen"])
     T = len(x_test)
     drop = dropped_steps(T)
     gen = protocol_run(model, params, x_test[0], T)
-    res = {"run_dir": os.path.abspath(run_dir), "step": step, "test_data": source, "T_test": T,
+    res = {"run_dir": os.path.abspath(run_dir), "step": step, "test_data": source, "test_data_sha256": digest, "T_test": T,
            "protocol": {"free_run_steps": T + drop, "dropped": drop, "start": "first test point"},
            "diverged": not bool(np.all(np.isfinite(gen)))}
     res.update(divergences(x_test, gen))
@@ -328,11 +337,17 @@ def write_summary(results: list[dict], path: str | None = None) -> str:
 def summarise(results: list[dict]) -> dict:
     """Median ± MAD per measure over runs (seeds) evaluated alike; NaN values are counted, not averaged,
     and so are diverged runs (a non-finite free run).  Runs evaluated on different test data or with
-    different measure parameters are refused (EvalError): their numbers do not compare."""
+    different measure parameters are refused (EvalError): their numbers do not compare.  Test data are
+    compared by content (``test_data_sha256``) when every run recorded it, else by real path (eval.json
+    files written before the digest; older ones may hold a relative path)."""
+    by_content = all("test_data_sha256" in r for r in results)
+
+    def real(data):
+        return data if data.startswith("generated:") else os.path.realpath(data)
+
     def protocol(r):
-        data = r["test_data"]  # a file by its real path (older eval.json files may hold a relative one)
-        data = data if data.startswith("generated:") else os.path.realpath(data)
-        return {"test_data": data, "T_test": r["T_test"],
+        data = {"test_data_sha256": r["test_data_sha256"]} if by_content else {"test_data": real(r["test_data"])}
+        return {**data, "T_test": r["T_test"],
                 "D_stsp": {k: v for k, v in r["D_stsp"].items() if k != "value"},
                 "D_H": {k: v for k, v in r["D_H"].items() if k != "value"},
                 "PE": {k: v for k, v in r["PE"].items() if k != "value"}}
@@ -342,7 +357,7 @@ def summarise(results: list[dict]) -> dict:
         if protocol(r) != first:
             raise EvalError(f"{r['run_dir']} was evaluated differently from {results[0]['run_dir']} "
                             f"(test data or measure parameters); evaluate them on the same --data")
-    out = {"runs": [r["run_dir"] for r in results], "protocol": first,
+    out = {"runs": [r["run_dir"] for r in results], "protocol": {"test_data": real(results[0]["test_data"]), **first},
            "diverged_runs": sum(bool(r.get("diverged", False)) for r in results)}
     values = {key: [r[key]["value"] for r in results] for key in ("D_stsp", "D_H", "PE")}
     values["lyapunov_max_per_step"] = [r["lyapunov_max"]["per_step"] for r in results]

@@ -42,6 +42,31 @@ def test_runs_evaluated_differently_are_refused():
         eval_mod.summarise([result("/r/a", 0.1), result("/r/b", 0.2, sigma=10.0)])
 
 
+def test_test_data_compared_by_content_when_every_run_recorded_it():
+    a = dict(result("/r/a", 0.1, test_data="/data/test.npy"), test_data_sha256="0f" * 32)
+    copy = dict(result("/r/b", 0.2, test_data="/elsewhere/test-copy.npy"), test_data_sha256="0f" * 32)
+    s = eval_mod.summarise([a, copy])  # a byte-identical copy at another path is the same test data
+    assert s["D_stsp"]["n"] == 2
+    assert s["protocol"]["test_data_sha256"] == "0f" * 32 and s["protocol"]["test_data"] == "/data/test.npy"
+    edited = dict(result("/r/c", 0.3, test_data="/data/test.npy"), test_data_sha256="1e" * 32)
+    with pytest.raises(eval_mod.EvalError, match="evaluated differently"):
+        eval_mod.summarise([a, edited])  # same path, other contents (the file was rewritten between runs)
+    older = result("/r/d", 0.4, test_data="/elsewhere/test-copy.npy")  # an eval.json from before the digest
+    with pytest.raises(eval_mod.EvalError, match="evaluated differently"):
+        eval_mod.summarise([a, older])  # without every digest the real paths decide, and these differ
+    assert eval_mod.summarise([a, result("/r/e", 0.5, test_data="/data/test.npy")])["D_stsp"]["n"] == 2
+
+
+def test_content_digest_is_of_the_values():
+    x = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
+    assert eval_mod.content_digest(x) == eval_mod.content_digest(x.astype(np.float64))
+    assert eval_mod.content_digest(x) == eval_mod.content_digest(np.asfortranarray(x))
+    assert eval_mod.content_digest(x) != eval_mod.content_digest(x.reshape(75, 2))
+    y = x.copy()
+    y[17, 1] += 1e-6
+    assert eval_mod.content_digest(x) != eval_mod.content_digest(y)
+
+
 def test_default_summary_path():
     assert eval_mod.summary_path(["/r/l63-seed0", "/r/l63-seed1/", "/r/l63-seed12"]) == "/r/l63-summary.json"
     assert eval_mod.summary_path(["/r/a-seed0", "/r/b-seed1"]) == "/r/summary.json"

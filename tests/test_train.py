@@ -511,6 +511,7 @@ def test_checkpoint_selection_by_the_training_series(straight, tmp_path):
     ev = json.loads((copy / "eval.json").read_text())
     assert ev["step"] == max(steps) and ev["checkpoint"] == {"select": "latest"}
     assert ev["test_data"] == os.path.realpath(held) and ev["T_test"] == 1000
+    assert ev["test_data_sha256"] == eval_mod.content_digest(np.load(held))
     bad = cli("eval", str(copy), "--select", "best")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
