@@ -287,7 +287,8 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True, select
     T = len(x_test)
     drop = dropped_steps(T)
     gen = protocol_run(model, params, x_test[0], T)
-    res = {"run_dir": os.path.abspath(run_dir), "step": step, "test_data": source, "test_data_sha256": digest, "T_test": T,
+    res = {"run_dir": os.path.abspath(run_dir), "step": step, "test_data": source, "test_data_sha256": digest,
+           "T_test": T,
            "protocol": {"free_run_steps": T + drop, "dropped": drop, "start": "first test point"},
            "diverged": not bool(np.all(np.isfinite(gen)))}
     res.update(divergences(x_test, gen))
@@ -357,7 +358,8 @@ def summarise(results: list[dict]) -> dict:
         if protocol(r) != first:
             raise EvalError(f"{r['run_dir']} was evaluated differently from {results[0]['run_dir']} "
                             f"(test data or measure parameters); evaluate them on the same --data")
-    out = {"runs": [r["run_dir"] for r in results], "protocol": {"test_data": real(results[0]["test_data"]), **first},
+    out = {"runs": [r["run_dir"] for r in results],
+           "protocol": {"test_data": real(results[0]["test_data"]), **first},
            "diverged_runs": sum(bool(r.get("diverged", False)) for r in results)}
     values = {key: [r[key]["value"] for r in results] for key in ("D_stsp", "D_H", "PE")}
     values["lyapunov_max_per_step"] = [r["lyapunov_max"]["per_step"] for r in results]
