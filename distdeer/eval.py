@@ -103,11 +103,7 @@ def test_series(cfg, norm: dict, path: str | None) -> tuple[np.ndarray, str, str
     else:
         if not os.path.exists(path):
             raise EvalError(f"test data {path} not found")
-        if path.rstrip("/").endswith(".zarr"):
-            z, attrs = store.read(path)
-            raw = z * np.asarray(attrs["std"]) + np.asarray(attrs["mean"])
-        else:
-            raw = store.read_raw(path)
+        raw = store.read_data_units(path)
         source = os.path.realpath(path)
     if raw.shape[1] != len(mean):
         raise EvalError(f"test data has {raw.shape[1]} dimensions, the model observes {len(mean)}")

@@ -56,6 +56,8 @@ def test_data_generate_and_import(tmp_path, capsys):
     assert main(["data", "import", str(tmp_path / "s.csv"), "--out", str(tmp_path / "s.zarr")]) == 0
     z, info = store.load(str(tmp_path / "s.zarr"))
     np.testing.assert_allclose(z * np.asarray(info["std"]) + np.asarray(info["mean"]), raw, atol=1e-4)
+    for path in ("s.zarr", "s.csv"):  # any format back in its own units (what eval compares)
+        np.testing.assert_allclose(store.read_data_units(str(tmp_path / path)), raw, atol=1e-4)
     bad = raw.copy()
     bad[7, 1] = np.inf
     np.save(tmp_path / "bad.npy", bad)

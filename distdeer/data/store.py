@@ -96,6 +96,15 @@ def load(path: str) -> tuple[np.ndarray, dict]:
     return z, {"mean": mean.tolist(), "std": std.tolist(), "source": path}
 
 
+def read_data_units(path: str) -> np.ndarray:
+    """A series of any supported file in its own units, float64 (T, N): a ``.zarr`` (stored standardised)
+    un-standardised with its recorded mean/std, a ``.npy``/``.csv`` as :func:`read_raw` reads it."""
+    if path.rstrip("/").endswith(".zarr"):
+        z, attrs = read(path)
+        return z * np.asarray(attrs["std"]) + np.asarray(attrs["mean"])
+    return read_raw(path)
+
+
 def read_raw(path: str) -> np.ndarray:
     """A user file (.npy or .csv, time × dimension), validated."""
     try:

@@ -21,7 +21,6 @@ def row(name, m):
     print(f"{name:28s} sd {m.std(ddof=1):6.2f}  10-90 % {lo:6.1f} .. {hi:6.1f}  blocks {len(m)}")
 
 
-z, attrs = store.read(sys.argv[1])
-row("test data", block_max(z * np.asarray(attrs["std"]) + np.asarray(attrs["mean"])))
+row("test data", block_max(store.read_data_units(sys.argv[1])))
 for run in sys.argv[2:]:
     row(os.path.basename(run.rstrip("/")), block_max(np.load(os.path.join(run, "generated.npy"))))
