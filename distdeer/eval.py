@@ -12,7 +12,7 @@ by median ± MAD per measure, NaN values and diverged runs (non-finite free run)
 Which checkpoint: the latest (default), or with ``eval.select=train`` / ``--select train`` the retained
 checkpoint whose free runs from three training points come closest (worst-case D_stsp) to the *training*
 series — model selection that never sees the test data; ``eval.json["checkpoint"]`` records every
-candidate's numbers.
+candidate's numbers, ``step`` the evaluated checkpoint and ``latest_step`` how far the run had trained.
 """
 
 from __future__ import annotations
@@ -271,19 +271,22 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True, select
     """The reference protocol on one run (see the module docstring).  ``data``: the test series; None:
     the run's ``eval.data``.  ``select``: which checkpoint — ``latest``, or ``train``
     (:func:`select_checkpoint`); None: the run's ``eval.select``."""
-    cfg, model, params, norm, step = load_run(run_dir)
+    cfg, model, params, norm, latest = load_run(run_dir)
+    step = latest
     select = cfg.eval.select if select is None else select
     if select not in SELECTIONS:
         raise EvalError(f"unknown checkpoint selection {select!r} (choose from {', '.join(SELECTIONS)})")
     # The test series is read before the selection (minutes) so that a missing one fails at once.
     x_test, source, digest = test_series(cfg, norm, cfg.eval.data if data is None else data)
     selection = select_checkpoint(run_dir) if select == "train" else None
-    if selection is not None and selection["chosen"] != step:
+    if selection is not None and selection["chosen"] != latest:
         _, model, params, _, step = load_run(run_dir, selection["chosen"])
     T = len(x_test)
     drop = dropped_steps(T)
     gen = protocol_run(model, params, x_test[0], T)
-    res = {"run_dir": os.path.abspath(run_dir), "step": step, "test_data": source, "test_data_sha256": digest,
+    # latest_step: how far the run had trained (``step`` is the evaluated checkpoint, earlier when selected)
+    res = {"run_dir": os.path.abspath(run_dir), "step": step, "latest_step": latest,
+           "test_data": source, "test_data_sha256": digest,
            "T_test": T,
            "protocol": {"free_run_steps": T + drop, "dropped": drop, "start": "first test point"},
            "diverged": not bool(np.all(np.isfinite(gen)))}

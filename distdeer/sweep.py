@@ -52,8 +52,9 @@ def cpu_shares(n: int) -> list[list[int]]:
 
 
 def _evaluation(cfg) -> dict | None:
-    """The finished run's evaluation: its eval.json when written at the final step, else computed now;
-    None when the run did not reach its last step (stopped)."""
+    """The finished run's evaluation: its eval.json when it was made after the final step with the run's
+    checkpoint selection (``eval.select: train`` may evaluate an earlier checkpoint than the final one),
+    else computed now; None when the run did not reach its last step (stopped)."""
     step = loop.inspect(cfg.run.dir)["step"]
     if step != cfg.train.steps:
         return None
@@ -61,7 +62,9 @@ def _evaluation(cfg) -> dict | None:
     if os.path.exists(path):
         with open(path) as f:
             res = json.load(f)
-        if res.get("step") == step:
+        # eval.json files written before latest_step existed evaluated the latest checkpoint
+        made_after = res.get("latest_step", res.get("step"))
+        if made_after == step and res.get("checkpoint", {}).get("select", "latest") == cfg.eval.select:
             return res
     return eval_mod.evaluate(cfg.run.dir, cfg.eval.data)
 

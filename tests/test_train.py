@@ -516,6 +516,39 @@ def test_checkpoint_selection_by_the_training_series(straight, tmp_path):
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
+def test_sweep_reuses_a_finished_runs_evaluation_also_of_a_selected_checkpoint(straight, tmp_path):
+    """The sweep summarises a finished run by its eval.json — also when eval.select=train evaluated an
+    earlier checkpoint than the final one — and evaluates anew only an eval.json made before the final
+    step or with another checkpoint selection."""
+    import shutil
+
+    from distdeer import config, eval as eval_mod, sweep
+
+    copy = tmp_path / "run"
+    shutil.copytree(straight[0], copy)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["run"]["dir"], cfg["eval"]["select"] = str(copy), "train"
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    cfg = config.load(str(copy / "config.yaml"))
+    path = copy / "eval.json"
+    at_end = json.loads(path.read_text())  # training's own evaluation: the latest checkpoint
+    assert at_end["step"] == at_end["latest_step"] == 60 and at_end["checkpoint"] == {"select": "latest"}
+    earlier = eval_mod.retained_steps(str(copy))[0]
+    assert earlier < 60
+    # what eval.select=train writes when it chooses an earlier checkpoint, tagged to tell reuse from recompute
+    chosen = dict(at_end, step=earlier, checkpoint={"select": "train", "selection": {"chosen": earlier}}, tag=1)
+    path.write_text(json.dumps(chosen))
+    reused = sweep._evaluation(cfg)
+    assert reused["tag"] == 1 and reused["step"] == earlier
+    for stale in (dict(chosen, latest_step=earlier),  # made before the run's final step
+                  dict(at_end, tag=1)):  # made with another selection (latest) than the run's (train)
+        path.write_text(json.dumps(stale))
+        fresh = sweep._evaluation(cfg)
+        assert "tag" not in fresh and fresh["latest_step"] == 60 and fresh["checkpoint"]["select"] == "train"
+        written = json.loads(path.read_text())
+        assert "tag" not in written and written["checkpoint"]["selection"]["chosen"] == fresh["step"]
+
+
 def test_sweep_over_seeds_writes_a_summary(tmp_path, two_cpus):
     base = tmp_path / "sw"
     cfg = write_config(tmp_path, base, train__steps=12, data__steps=800)
