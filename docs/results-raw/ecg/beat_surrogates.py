@@ -56,11 +56,11 @@ rows = {
     **{f"{k} random real beats, repeated": (lambda k: lambda rng: tile(
         [beats[i] for i in rng.choice(len(beats), k, replace=False)]))(k) for k in (1, 5, 10, 20, 50)},
     "one median beat, repeated": lambda rng: tile([median_beat]),
-    "one median beat + white noise sd 0.05": lambda rng: tile([median_beat]) + 0.05 * rng.standard_normal((T, 5)),
+    "one median beat + white noise sd 0.05": lambda rng: tile([median_beat]) + 0.05 * rng.standard_normal((T, train.shape[1])),
     "one median beat warped to the real intervals (rhythm only)": lambda rng: tile(
         [warp(median_beat, n) for n in lengths]),
     "the same + white noise sd 0.05": lambda rng: tile([warp(median_beat, n) for n in lengths])
-    + 0.05 * rng.standard_normal((T, 5)),
+    + 0.05 * rng.standard_normal((T, train.shape[1])),
     "real beats, each one's baseline removed": lambda rng: tile(
         [b - np.median(b, 0) + baseline for b in beats]),
     "real beats warped to one interval (waveforms only)": lambda rng: tile(
