@@ -232,6 +232,9 @@ def _train(args) -> int:
         summary = loop.run(cfg)
     except _user_errors() as e:
         raise UsageError(str(e)) from None
+    except loop.TooManySkipped as e:
+        print(f"distdeer: training failed: {e}", file=sys.stderr)
+        return 1
     loop.print_outcome(summary)
     return 0
 

@@ -89,6 +89,9 @@ class TrainConfig:
     clip: float = 10.0  # global-norm clipping; 0 disables
     lambda_lat: float = 1e-5
     log_every: int = 10
+    # updates skipped (failed Newton solve or non-finite gradient) that a run tolerates, as a fraction of
+    # `steps`; past it the run saves and stops with exit 1 (checked every log_every steps)
+    max_skipped: float = 0.05
 
 
 @dataclasses.dataclass
@@ -248,6 +251,8 @@ def validate(cfg: Config) -> Config:
     for key in NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]}")
+    if not 0.0 <= cfg.train.max_skipped <= 1.0:
+        raise ConfigError(f"train.max_skipped: must lie in [0, 1], got {cfg.train.max_skipped}")
     if not 0.0 <= cfg.gtf.alpha <= 1.0:
         raise ConfigError(f"gtf.alpha: must lie in [0, 1], got {cfg.gtf.alpha}")
     if cfg.train.lr_end > cfg.train.lr:

@@ -69,11 +69,8 @@ def load_run(run_dir: str, step: int | None = None):
         elif step not in steps:
             raise EvalError(f"{run_dir} has no checkpoint at step {step} (retained: {sorted(steps)})")
         model = Model.from_config(cfg.model, len(norm["mean"]))
-        # The abstract target only needs shapes: a tiny series stands in for the data.
-        target = init_state(model, cfg, jnp.zeros((2, len(norm["mean"])), jnp.float32))
-        rows = checkpoint.read_meta(checkpoint.location(cfg), step).get("warm_rows", 1)
-        target = target._replace(warm=jnp.zeros((rows, model.latent), jnp.float32))
-        state, _ = checkpoint.restore(mngr, step, target)
+        # Only the state item is read (a whole-series warm start is a separate item, not needed here).
+        state, _ = checkpoint.restore(mngr, step, init_state(model, cfg))
     finally:
         mngr.close()
     return cfg, model, state.params, norm, step

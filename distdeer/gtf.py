@@ -107,3 +107,33 @@ def reduce_norms(norms: jax.Array, kind: str) -> jax.Array:
 def alpha_from_norm(norm: jax.Array) -> jax.Array:
     """GTF's forcing strength ``α = max(0, 1 − 1/𝒩)``: then ``(1 − α) 𝒩 ≤ 1``."""
     return jnp.maximum(0.0, 1.0 - 1.0 / norm)
+
+
+class AlphaInParams:
+    """The GTF-forced step with α passed in the parameters: ``step((F_params, α), z_{t-1}, ẑ_{t-1})``.
+
+    Equivalent to ``ForcedStep(F, α, mask)``; for solves inside a caller's ``shard_map`` with a traced α.
+    There α must not be closed over: the solver's custom VJP traces its backward pass later, where a
+    closed-over value of the forward trace is out of scope.  α receives a zero cotangent (it is
+    stop-gradiented in the damping).
+    """
+
+    def __init__(self, F: Callable, mask: jax.Array, jac: Callable | None = None, jac_diag: Callable | None = None):
+        self.F, self.mask, self._jac_fn, self._jac_diag_fn = F, mask, jac, jac_diag
+        self.jac = self._jac if jac is not None else None
+        self.jac_diag = self._jac_diag if (jac_diag is not None or jac is not None) else None
+
+    def at(self, alpha) -> ForcedStep:
+        return ForcedStep(self.F, alpha, self.mask, self._jac_fn, self._jac_diag_fn)
+
+    def __call__(self, params, z, zhat):
+        F_params, alpha = params
+        return self.at(alpha)(F_params, z, zhat)
+
+    def _jac(self, params, z, zhat):
+        F_params, alpha = params
+        return self.at(alpha).jac(F_params, z, zhat)
+
+    def _jac_diag(self, params, z, zhat):
+        F_params, alpha = params
+        return self.at(alpha).jac_diag(F_params, z, zhat)

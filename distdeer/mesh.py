@@ -4,6 +4,11 @@ One code path serves 1 device, N local devices and N processes: the mesh spans `
 devices of all processes), parameters and optimizer state are replicated global arrays, and the
 whole-series training data is a global array sharded over ``"time"`` whose every shard is read by the
 process that owns it (``Source.rows`` on that shard's rows only).
+
+Whole-series slot layout: the T steps of a series ``x_0 … x_T`` (T + 1 rows) are cut into P blocks of
+``n = ⌈T/P⌉`` slots, one per device; slot s is step s + 1, with input row s and target row s + 1.
+``WholeSeries.rows`` holds rows 0 … n·P − 1 (repeating x_T past the end), ``ends`` the rows x_0 and x_T
+(replicated: every device needs the initial state, and x_T is the last target when T = n·P).
 """
 
 from __future__ import annotations
@@ -12,8 +17,23 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import math
+from typing import NamedTuple
+
 from distdeer.config import Config, ConfigError
 from distdeer.data.loader import Source
+
+
+class WholeSeries(NamedTuple):
+    """The whole-series training data in the slot layout (module docstring)."""
+
+    rows: jax.Array  # (n·P, N), sharded over "time"
+    ends: jax.Array  # (2, N): x_0 and x_T, replicated
+
+
+def block(steps: int, devices: int) -> int:
+    """Slots per device, ``n = ⌈T/P⌉``: n·P ≥ T is the smallest multiple of P."""
+    return math.ceil(steps / devices)
 
 
 def build(cfg: Config, series_len: int) -> Mesh | None:
@@ -52,31 +72,36 @@ def replicate(tree, mesh: Mesh | None):
 
 
 def series_array(source: Source, mesh: Mesh | None) -> jax.Array:
-    """The training series as one (global) array.
-
-    No mesh: the whole series on the default device.  ``("time",)`` mesh: sharded over time, padded at
-    the end with copies of the last row to a multiple of the device count (the training step cuts the
-    padding off, ``make_train_step(length=T)``); each process reads only the rows of its own shards.
-    ``("data", "time")`` mesh (windows start anywhere): every process reads the whole series.
-    """
+    """The training series for window training: the whole series on every device (windows start
+    anywhere), read whole by every process."""
     T, N = source.shape
     if mesh is None:
         return jax.numpy.asarray(source.all())
-    if "data" in mesh.axis_names:
-        full = source.all()
-        return jax.make_array_from_callback((T, N), replicated(mesh), lambda index: full[index])
-    n = mesh.size
-    padded = -(-T // n) * n
+    full = source.all()
+    return jax.make_array_from_callback((T, N), replicated(mesh), lambda index: full[index])
+
+
+def whole_series(source: Source, mesh: Mesh | None) -> WholeSeries:
+    """The whole-series training data in the slot layout, sharded over ``mesh``'s ``"time"`` axis;
+    each process reads only the rows of its own shards (and the two ends)."""
+    R, N = source.shape
+    steps = R - 1
+    last = source.rows(R - 1, R)
+    ends = np.concatenate([source.rows(0, 1), last]).astype(np.float32)
+    if mesh is None:
+        return WholeSeries(jax.numpy.asarray(source.rows(0, steps)), jax.numpy.asarray(ends))
+    total = block(steps, mesh.size) * mesh.size
     cache: dict[tuple[int, int], np.ndarray] = {}
 
     def shard(index) -> np.ndarray:
         rows = index[0]
-        a, b = rows.start or 0, padded if rows.stop is None else rows.stop
+        a, b = rows.start or 0, total if rows.stop is None else rows.stop
         if (a, b) not in cache:
-            x = source.rows(min(a, T), min(b, T))
-            if b > T:
-                x = np.concatenate([x, np.repeat(source.rows(T - 1, T), b - max(a, T), axis=0)])
+            x = source.rows(min(a, R), min(b, R))
+            if b > R:
+                x = np.concatenate([x, np.repeat(last, b - max(a, R), axis=0)])
             cache[(a, b)] = x
         return cache[(a, b)][:, index[1]]
 
-    return jax.make_array_from_callback((padded, N), NamedSharding(mesh, P("time")), shard)
+    rows = jax.make_array_from_callback((total, N), NamedSharding(mesh, P("time")), shard)
+    return WholeSeries(rows, jax.make_array_from_callback((2, N), replicated(mesh), lambda index: ends[index]))

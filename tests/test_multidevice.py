@@ -36,3 +36,7 @@ def test_sharded_solver_on_1_2_3_4_8_devices():
 
 def test_float64_on_4_devices():
     print(run_suite("tests/subproc/cases_float64.py", 4, JAX_ENABLE_X64="1"))
+
+
+def test_sharded_training_on_1_2_4_8_devices():
+    print(run_suite("tests/subproc/cases_training.py", 8))

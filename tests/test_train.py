@@ -321,7 +321,7 @@ def test_carried_windows_follow_a_plain_forced_recurrence():
     model = Model.from_config(cfg.model, 3)
     state = init_state(model, cfg, None)
     assert state.warm.shape == (2, 5)
-    step = jax.jit(make_train_step(model, cfg, length=41))
+    step = jax.jit(make_train_step(model, cfg))
     ends = [None, None]
     for k in range(6):
         params, alpha = state.params, float(state.alpha)
@@ -342,15 +342,16 @@ def test_carried_windows_follow_a_plain_forced_recurrence():
 
 @pytest.mark.parametrize("mode", ["windows", "whole"])
 def test_noise_perturbs_the_forcing_not_the_targets(mode):
-    """train.noise = σ: the forcing observations (teacher signal and initial state) are x + σ ε with ε
-    from fold_in(fold_in(seed, step), 1), the loss targets stay x — checked against a plain Python GTF
-    recurrence, for drawn windows (GTF-BPTT) and for the whole series (GTF-DEER)."""
+    """train.noise = σ: the forcing observations (teacher signal and initial state) are x + σ ε, the loss
+    targets stay x — checked against a plain Python GTF recurrence, for drawn windows (GTF-BPTT; ε drawn
+    over the batch from key = fold_in(fold_in(seed, step), 1)) and for the whole series (GTF-DEER; row r's
+    ε from fold_in(key, r), so that the draw does not depend on how the series is sharded)."""
     import jax
     import jax.numpy as jnp
 
     from distdeer import config as config_mod
     from distdeer.models import Model
-    from distdeer.train.step import init_state, make_train_step
+    from distdeer.train.step import init_state, make_train_step, whole_series
 
     S, T, sigma = 10, 41, 0.3
     opts = ["seed=3", "model.kind=clipped_shplrnn", "model.latent=5", "model.hidden=8", "model.readout=identity",
@@ -359,8 +360,9 @@ def test_noise_perturbs_the_forcing_not_the_targets(mode):
     cfg = config_mod.load(None, opts)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((T, 3)), jnp.float32)
     model = Model.from_config(cfg.model, 3)
-    state = init_state(model, cfg, x)
-    step = jax.jit(make_train_step(model, cfg, length=T))
+    data = whole_series(x) if mode == "whole" else x
+    state = init_state(model, cfg, data if mode == "whole" else None)
+    step = jax.jit(make_train_step(model, cfg, steps=T - 1))
 
     def reference_mse(params, alpha, k, clean):
         if mode == "windows":
@@ -368,8 +370,11 @@ def test_noise_perturbs_the_forcing_not_the_targets(mode):
             xs = np.stack([np.asarray(x[s: s + S + 1]) for s in np.asarray(starts)])
         else:
             xs = np.asarray(x)[None]
-        eps = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(3), k), 1),
-                                           (xs.shape[1:] if mode == "whole" else xs.shape)))
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(3), k), 1)
+        if mode == "whole":
+            eps = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, r), (3,))) for r in range(T)])
+        else:
+            eps = np.asarray(jax.random.normal(key, xs.shape))
         xf = xs if clean else xs + sigma * eps.reshape(xs.shape)
         sq = []
         for xw, xfw in zip(xs, jnp.asarray(xf, jnp.float32)):
@@ -380,7 +385,7 @@ def test_noise_perturbs_the_forcing_not_the_targets(mode):
 
     for k in range(3):
         params, alpha = state.params, float(state.alpha)
-        state, m = step(state, x)
+        state, m = step(state, data)
         np.testing.assert_allclose(float(m.mse), reference_mse(params, alpha, k, clean=False), rtol=2e-4)
         # the noise is what differs: the clean forcing gives another loss
         assert abs(float(m.mse) - reference_mse(params, alpha, k, clean=True)) > 1e-3 * float(m.mse)
@@ -635,3 +640,90 @@ def test_parallel_sweep_stops_every_seed_on_sigterm_and_resumes(tmp_path, two_cp
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert [inspect(r)["step"] for r in runs] == [1500, 1500]
     assert json.loads((tmp_path / "st-summary.json").read_text())["D_H"]["n"] == 2
+
+
+def test_a_failed_solve_skips_the_update_and_never_seeds_a_carried_window():
+    """Newton with one iteration and no fallback cannot converge: the update is skipped and counted,
+    parameters, optimizer state and α stay (α is adaptive, re-estimated every step otherwise), and the
+    carried streams restart from ``initial_state`` (non-finite carry) instead of continuing from the
+    unconverged end states; the same step with enough iterations does update and carry."""
+    import jax
+    import jax.numpy as jnp
+
+    from distdeer import config as config_mod
+    from distdeer.models import Model
+    from distdeer.train.checkpoint import params_sha256
+    from distdeer.train.step import init_state, make_train_step
+
+    opts = ["model.latent=3", "model.hidden=8", "train.seq_len=40", "train.batch=2", "train.carry=true",
+            "gtf.mode=adaptive", "gtf.every=1", "gtf.alpha=0.05", "solver.fallback=false"]
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((161, 3)), jnp.float32)
+    model = Model.from_config(config_mod.load(None, opts).model, 3)
+    for max_iter, fails in ((1, True), (50, False)):
+        cfg = config_mod.load(None, opts + [f"solver.max_iter={max_iter}"])
+        state = init_state(model, cfg)
+        new, m = jax.jit(make_train_step(model, cfg))(state, x)
+        assert bool(m.converged) is not fails and int(m.skipped) == int(new.skipped) == int(fails)
+        same = params_sha256((new.params, new.opt_state)) == params_sha256((state.params, state.opt_state))
+        assert same is fails
+        assert (float(new.alpha) == float(state.alpha)) is fails
+        assert bool(np.all(np.isnan(np.asarray(new.warm)))) == fails
+        assert bool(np.all(np.isfinite(np.asarray(new.warm)))) == (not fails)
+
+
+def test_too_many_skipped_updates_stop_the_run_with_one_line(tmp_path):
+    """A run whose solves all fail (no fallback, one Newton iteration) counts its skips in metrics.jsonl
+    and the checkpoint, and stops once they exceed train.max_skipped × steps: exit 1, one line on stderr,
+    the state saved (parameters unchanged from the start); raising the budget resumes it."""
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path, run, solver__fallback=False, solver__max_iter=1, train__steps=40,
+                       train__max_skipped=0.1, gtf__mode="constant", gtf__alpha=0.0)
+    proc = cli("train", cfg)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.startswith("distdeer")]
+    assert len(err) == 1 and "5 of 5 updates skipped" in err[0] and "train.max_skipped" in err[0], proc.stderr
+    rows = metrics(run)
+    assert [r["skipped"] for r in rows] == [1, 2, 3, 4, 5] and not any(r["converged"] for r in rows)
+    info = inspect(run)
+    assert info["step"] == 5 and info["skipped"] == 5
+    fresh = tmp_path / "fresh"
+    assert cli("train", write_config(tmp_path, fresh, train__steps=40, checkpoint__every=1,
+                                     train__max_skipped=0.0, solver__max_iter=1, solver__fallback=False,
+                                     gtf__mode="constant", gtf__alpha=0.0)).returncode == 1
+    assert inspect(fresh)["params_sha256"] == info["params_sha256"]  # step 1 of the same start: untouched
+    proc = cli("train", cfg, "train.max_skipped=0.5")
+    assert proc.returncode == 1 and "21 of 21 updates skipped" in proc.stderr
+
+
+def test_a_sharded_warm_start_restores_onto_other_device_counts(tmp_path):
+    """Whole series on 4 devices, checkpoints every 5 steps: the warm start is saved as exactly (T, M)
+    (no padding), and a resume from step 10 on 3 devices and on 1 device continues as the uninterrupted
+    4-device run does — the same losses and the same Newton iterations, which a warm start other than
+    the saved solution would change."""
+    import shutil
+
+    import tensorstore as ts
+
+    full = tmp_path / "full"
+    changes = dict(train__steps=15, checkpoint__every=5, checkpoint__keep=5, solver__fallback=False,
+                   gtf__every=1, eval__at_end=False)
+    proc = cli_on_devices(4, "train", write_config(tmp_path, full, **changes, mesh__devices=4))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warm = ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
+                                                   "path": str(full / "checkpoints" / "10" / "warm" / "warm.zarr")}},
+                   open=True).result()
+    assert warm.shape == (SMALL["data"]["steps"] - 1, 3)
+    assert np.all(np.isfinite(warm.read().result()))
+    ref = metrics(full)
+    assert max(r["newton_iterations"] for r in ref[10:]) >= 1
+    for devices in (3, 1):
+        run = tmp_path / f"on{devices}"
+        shutil.copytree(full, run)
+        shutil.rmtree(run / "checkpoints" / "15")
+        cfg = write_config(tmp_path, run, **changes, mesh__devices=devices)
+        proc = cli_on_devices(devices, "train", cfg)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = metrics(run)
+        assert [r["step"] for r in got] == list(range(1, 16))
+        assert [r["newton_iterations"] for r in got[10:]] == [r["newton_iterations"] for r in ref[10:]]
+        np.testing.assert_allclose([r["loss"] for r in got[10:]], [r["loss"] for r in ref[10:]], rtol=1e-5)

@@ -1,6 +1,11 @@
-"""``distdeer bench train``: training-step time of GTF-DEER vs sequential GTF-BPTT, same run.
+"""``distdeer bench train``: the training step, measured two ways.
 
-Both train the same model on the same whole series with the same configuration, differing only in
+* ``run`` (no ``--devices``): training-step time of GTF-DEER vs sequential GTF-BPTT, same run, one device.
+* ``sharded`` (``--devices P``, optionally ``--processes K``): the whole-series step exactly as
+  ``distdeer train`` compiles it on P devices — the bytes of every collective in the compiled program,
+  its memory per device, and step times.
+
+``run``: both train the same model on the same whole series with the same configuration, differing only in
 ``solver.kind``; after compilation, each runs ``steps`` training steps.  Reported: mean step time
 (excluding the first step), the ratio, and for DEER the Newton iterations per step (mean over the steps
 after the first 100, the warm-start regime) and the loss trajectories' agreement.
@@ -9,6 +14,7 @@ after the first 100, the warm-start regime) and the loss trajectories' agreement
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 import jax
@@ -18,7 +24,7 @@ import numpy as np
 from distdeer import config as config_mod
 from distdeer.models import Model
 from distdeer.train.loop import load_series
-from distdeer.train.step import init_state, make_train_step
+from distdeer.train.step import init_state, make_train_step, whole_series
 
 
 def run(T: int = 100_000, steps: int = 200, latent: int = 3, hidden: int = 50, seed: int = 0,
@@ -26,14 +32,14 @@ def run(T: int = 100_000, steps: int = 200, latent: int = 3, hidden: int = 50, s
     base = config_mod.load(None, [f"data.steps={T + 1}", f"model.latent={latent}", f"model.hidden={hidden}",
                                   f"train.steps={steps}", f"seed={seed}", "mesh.devices=1", *overrides])
     series, _ = load_series(base)
-    x = jnp.asarray(series)
+    x = whole_series(series)
     out = {"T": T, "steps": steps, "latent": latent, "hidden": hidden, "overrides": list(overrides),
            "backend": jax.default_backend()}
     losses = {}
     for kind in ("deer", "sequential"):
         cfg = dataclasses.replace(base, solver=dataclasses.replace(base.solver, kind=kind))
         model = Model.from_config(cfg.model, series.shape[1])
-        step = jax.jit(make_train_step(model, cfg))
+        step = jax.jit(make_train_step(model, cfg, steps=T))
         state = init_state(model, cfg, x)
         times, iters, loss = [], [], []
         for _ in range(steps):
@@ -61,3 +67,164 @@ def report(r: dict) -> str:
             f"  Newton iterations per step: first 10 {r['newton_iterations_first_10']}, "
             f"mean after step 100: {r['newton_iterations_mean_after_100']}\n"
             f"  max relative loss difference along the run: {r['max_loss_rel_diff']:.2e}")
+
+
+# -- the whole-series training step as the loop runs it, on P devices ---------------------------------
+
+_COLLECTIVE = re.compile(
+    r"^\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all|"
+    r"collective-broadcast|ragged-all-to-all)(?:-start)?\(", re.M)
+_SHAPE = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
+_BYTES = {"f32": 4, "f64": 8, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "s64": 8, "u64": 8}
+
+
+def collective_bytes(hlo: str) -> dict:
+    """Result bytes of every collective in a compiled HLO module, summed per kind (``-start`` forms of
+    asynchronous collectives counted once, their ``-done`` halves not at all).  A collective inside a
+    loop body counts once (per Newton iteration, say): the sum is the program's collectives per pass."""
+    out: dict[str, int] = {}
+    for result, kind in _COLLECTIVE.findall(hlo):
+        size = sum((int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1) * _BYTES.get(dtype, 4)
+                   for dtype, dims in _SHAPE.findall(result))
+        out[kind] = out.get(kind, 0) + size
+    return out
+
+
+def memory_bytes(compiled) -> int:
+    """Per-device bytes of a compiled program: temporaries + arguments + outputs − donated (aliased)."""
+    m = compiled.memory_analysis()
+    return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+
+
+def _config(T: int, latent: int, hidden: int, steps: int, devices: int, overrides) -> "config_mod.Config":
+    return config_mod.load(None, [f"data.steps={T + 1}", f"model.latent={latent}", f"model.hidden={hidden}",
+                                  f"train.steps={max(steps, 1)}", f"mesh.devices={devices}", "train.seq_len=null",
+                                  *overrides])
+
+
+def sharded(T: int = 2 ** 16, devices: int = 1, steps: int = 6, latent: int = 3, hidden: int = 50,
+            overrides: list[str] = (), compile_only: bool = False) -> dict:
+    """Compile (and unless ``compile_only``, run ``steps`` steps of) the whole-series training step exactly
+    as ``distdeer train`` does on ``devices`` devices (all devices of all processes of a
+    ``jax.distributed`` group; on CPU simulated ones).  Returns the compiled program's
+    ``collective_bytes_per_step`` (all kinds summed, and per kind), ``memory_per_device_bytes``, and the
+    median step time (steps after the first) with the Newton iterations per step."""
+    from distdeer import mesh as mesh_mod
+    from distdeer.data import loader
+    from distdeer.train import loop
+    from distdeer.train.step import init_state
+
+    cfg = _config(T, latent, hidden, steps, devices, overrides)
+    mesh = mesh_mod.build(cfg, T + 1)
+    model = Model.from_config(cfg.model, 3)
+    P = 1 if mesh is None else mesh.size
+    n = mesh_mod.block(T, P)
+    rows_sh = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("time"))
+    rep = None if mesh is None else mesh_mod.replicated(mesh)
+    state = jax.eval_shape(lambda: init_state(model, cfg))
+    sds = lambda shape, sh: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh)  # noqa: E731
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), state)
+    state = state._replace(warm=sds((n * P, latent), rows_sh))
+    data = mesh_mod.WholeSeries(sds((n * P, 3), rows_sh), sds((2, 3), rep))
+    run_step = loop.compile_step(model, cfg, mesh, T, state, data)
+    t0 = time.perf_counter()
+    compiled = run_step.jitted.lower(state.warm, state._replace(warm=None), data).compile()
+    kinds = collective_bytes(compiled.as_text())
+    out = {"T": T, "devices": P, "processes": jax.process_count(), "latent": latent, "hidden": hidden,
+           "overrides": list(overrides), "backend": jax.default_backend(),
+           "device_kind": jax.devices()[0].device_kind, "compile_s": time.perf_counter() - t0,
+           "collective_bytes_per_step": int(sum(kinds.values())), "collective_bytes_by_kind": kinds,
+           "memory_per_device_bytes": memory_bytes(compiled)}
+    if compile_only:
+        return out
+    source = loader.open_source(cfg)
+    data = loop.place_data(source, cfg, mesh)
+    state = loop.initial_state(model, cfg, data, mesh)
+    times, iters, losses = [], [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, m = jax.block_until_ready(run_step(state, data))
+        times.append(time.perf_counter() - t0)
+        m = jax.device_get(m)
+        iters.append(int(m.newton_iterations))
+        losses.append(float(m.loss))
+    out.update(step_times_s=times, step_s_median=float(np.median(times[1:])) if steps > 1 else None,
+               newton_iterations=iters, losses=losses)
+    return out
+
+
+def report_sharded(r: dict) -> str:
+    lines = [f"whole-series training step: T={r['T']} M={r['latent']} L={r['hidden']} devices={r['devices']} "
+             f"processes={r['processes']} backend={r['backend']}",
+             f"  collective bytes per step  {r['collective_bytes_per_step']:,}  {r['collective_bytes_by_kind']}",
+             f"  memory per device          {r['memory_per_device_bytes']:,} B "
+             f"({r['memory_per_device_bytes'] / 2 ** 20:.1f} MiB); × devices "
+             f"{r['memory_per_device_bytes'] * r['devices'] / 2 ** 20:.1f} MiB"]
+    if r.get("step_s_median") is not None:
+        lines.append(f"  step time median {r['step_s_median'] * 1e3:.1f} ms over {len(r['step_times_s']) - 1} "
+                     f"steps after the first; Newton iterations {r['newton_iterations']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One process of a ``jax.distributed`` group running ``sharded`` (``distdeer bench train
+    --processes K`` starts K of these); rank 0 writes the JSON row."""
+    import argparse
+    import json
+
+    from distdeer import distributed
+
+    ap = argparse.ArgumentParser(prog="python -m distdeer.bench.train")
+    for name, default in (("--T", 2 ** 16), ("--devices", 1), ("--steps", 6), ("--latent", 3), ("--hidden", 50),
+                          ("--processes", 1), ("--rank", 0)):
+        ap.add_argument(name, type=int, default=default)
+    ap.add_argument("--coordinator", required=True)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    distributed.initialize(a.coordinator, a.processes, a.rank, 300)
+    row = sharded(a.T, a.devices, a.steps, a.latent, a.hidden, a.overrides, a.compile_only)
+    distributed.shutdown()
+    if a.rank == 0:
+        with open(a.out, "w") as f:
+            json.dump(row, f, indent=1)
+    return 0
+
+
+def in_processes(processes: int, pin: bool, T: int, devices: int, steps: int, latent: int, hidden: int,
+                 overrides: list[str], compile_only: bool) -> dict:
+    """``sharded`` in ``processes`` ``jax.distributed`` processes on this machine (devices / processes
+    simulated CPU devices each; ``pin``: process r on CPU core r), as a multi-host run would be."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    if devices % processes:
+        raise ValueError(f"--devices {devices} is not a multiple of --processes {processes}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices // processes}",
+                   JAX_PLATFORMS="cpu")
+        procs = []
+        for r in range(processes):
+            cmd = [sys.executable, "-m", "distdeer.bench.train", "--coordinator", f"127.0.0.1:{port}",
+                   "--processes", str(processes), "--rank", str(r), "--T", str(T), "--devices", str(devices),
+                   "--steps", str(steps), "--latent", str(latent), "--hidden", str(hidden), "--out", out]
+            cmd += [f"--set={o}" for o in overrides] + (["--compile-only"] if compile_only else [])
+            procs.append(subprocess.Popen((["taskset", "-c", str(r % os.cpu_count())] if pin else []) + cmd, env=env))
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise RuntimeError(f"benchmark processes exited with {codes}")
+        with open(out) as f:
+            return json.load(f)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -28,7 +28,7 @@ from distdeer.solver import scan, vma
 class Result(enum.IntEnum):
     """Outcome of a solve, stored as an int in ``Solution.result``."""
 
-    SUCCESS = 0  # Newton converged: |Δz| ≤ atol + rtol |z| at every step
+    SUCCESS = 0  # Newton converged: ‖z_t − f_t(z_{t−1})‖ ≤ atol + rtol ‖z_t‖ at every step (residual test)
     MAX_ITER = 1  # max_iter reached without convergence
     NONFINITE = 2  # an iterate became non-finite; the last finite iterate is returned
     FALLBACK = 3  # Newton failed, the sequential fallback produced the states
@@ -175,10 +175,9 @@ def _newton(dyn: Dynamics, opts: Options, params, z0, xs, init):
         Znew, _ = scan.solve(A=_keep_valid(A, valid, eye, padded), b=_keep_valid(b, valid, 0.0, padded),
                              h0=z0, diagonal=diagonal, axis_name=opts.axis_name, method=opts.method,
                              block=opts.block)
-        excess = _max_over_slice(_excess(Znew, Z, opts), valid, time, -jnp.inf)
         finite = jnp.where(valid[:, None], jnp.isfinite(Znew), True)
         nonfinite = _pmax(jnp.any(~finite).astype(jnp.int32), time) > 0
-        return Znew, excess, nonfinite
+        return Znew, nonfinite
 
     def keep_going(c):
         _, it, done, bad = c
@@ -196,12 +195,15 @@ def _newton(dyn: Dynamics, opts: Options, params, z0, xs, init):
         # so that |Δz| can stall above tolerance while the residual sits at round-off level.
         solved = residual_excess(Z, f) <= 0
         need = _pmax((active & ~solved).astype(jnp.int32), opts.sync_axes) > 0
-        skip = lambda: (Z, scal(jnp.asarray(jnp.inf, Z.dtype)), scal(jnp.bool_(False)))  # noqa: E731
-        Znew, excess, nonfinite = lax.cond(need, lambda: newton_step(Z, zprev, f), skip)
+        skip = lambda: (Z, scal(jnp.bool_(False)))  # noqa: E731
+        Znew, nonfinite = lax.cond(need, lambda: newton_step(Z, zprev, f), skip)
         step = active & ~solved
         Z = jnp.where(step & ~nonfinite, Znew, Z)
         it = it + step.astype(jnp.int32)
-        done = done | (active & solved) | (step & ~nonfinite & (excess <= 0))
+        # Only the residual test ends the loop: a small Newton step alone does not (quasi-Newton converges
+        # linearly, so |Δz| can be small while the residual is still far above tolerance).  Each new
+        # iterate is tested at the top of the next pass, where f is evaluated anyway.
+        done = done | (active & solved)
         bad = bad | (step & nonfinite)
         return Z, it, done, bad
 
@@ -210,9 +212,9 @@ def _newton(dyn: Dynamics, opts: Options, params, z0, xs, init):
              scal(jnp.bool_(False)))
     Z, it, done, bad = lax.while_loop(keep_going, iterate, carry)
     f = _steps(dyn, params, _previous(Z, z0, opts.axis_name), xs)
-    # The states count as a solution when Newton's |Δz| test passed or their residual is within
-    # tolerance (checked here also after the last iteration).
-    newton_ok = done | (~bad & (residual_excess(Z, f) <= 0))
+    # The states count as a solution only when their residual is within tolerance (checked here also
+    # after the last iteration).
+    newton_ok = ~bad & (residual_excess(Z, f) <= 0)
     result = jnp.where(newton_ok, Result.SUCCESS, jnp.where(bad, Result.NONFINITE, Result.MAX_ITER))
     converged = newton_ok
     if opts.fallback:
@@ -284,12 +286,19 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
             return _keep_valid(g + jnp.concatenate([mu[1:], mu_in[None]]), valid, 0.0, padded)
 
         def sweep(c):
+            """Test the current μ by its residual ``A_tᵀ λ_t − μ_t`` (the VJP the update needs anyway);
+            update it only where the test fails, so the loop ends on a μ that passed."""
             mu, mu_in, it, _ = c
             lam = lam_of(mu, mu_in)
-            off = _keep_valid(vjp_z(lam)[0] - A * lam, valid, 0.0, padded)
-            mu_new, mu_in_new = reverse_solve(A, A * g + off, diagonal=True)
-            excess = _max_over_slice(_excess(mu_new, mu, opts), valid, time, -jnp.inf)
-            return mu_new, mu_in_new, it + 1, excess
+            atl = vjp_z(lam)[0]
+            excess = _max_over_slice(_excess(mu, atl, opts), valid, time, -jnp.inf)
+            ok = excess <= 0
+            need = _pmax((~ok).astype(jnp.int32), opts.sync_axes) > 0
+            off = _keep_valid(atl - A * lam, valid, 0.0, padded)
+            upd, upd_in = lax.cond(need, lambda: reverse_solve(A, A * g + off, diagonal=True),
+                                   lambda: (mu, mu_in))
+            return (jnp.where(ok, mu, upd), jnp.where(ok, mu_in, upd_in), it + (~ok).astype(jnp.int32),
+                    excess)
 
         def unfinished(c):
             _, _, it, excess = c
@@ -300,6 +309,7 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
         c0 = (vma.vary(jnp.zeros_like(Z), seq_axes + time), vma.vary(zero, seq_axes + time),
               vma.vary(jnp.int32(0), seq_axes), vma.vary(jnp.asarray(jnp.inf, Z.dtype), seq_axes))
         mu, mu_in, _, excess = lax.while_loop(unfinished, sweep, c0)
+        # Success needs the residual test of the returned μ, not a small last update (linear convergence).
         adjoint_ok = excess <= 0
     lam = scale * _keep_valid(g + jnp.concatenate([mu[1:], mu_in[None]]), valid, 0.0, padded)
     # Differentiate w.r.t. a copy of params marked varying like λ: the VJP then returns this device's

@@ -3,17 +3,31 @@
 Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it on commit), so
 a crash at any moment leaves the previous complete checkpoint restorable; a half-written one is never
 listed.  A new manager is built on every start, so ``latest_step`` is what is on disk (a live
-manager's ``latest_step`` can name a save whose commit later failed, DESIGN §4).
+manager's ``latest_step`` can name a save whose commit later failed).
+
+A checkpoint holds three items: ``state`` (the TrainState through Orbax's standard handler, replicated
+values), ``meta`` (JSON) and, for whole-series runs, ``warm``: the Newton warm start as a zarr array of
+exactly ``(T, M)`` — no padding, whatever the device count — written by ``WarmStartHandler``: every
+process writes the rows of its own devices (one chunk per device block, so processes never write the
+same chunk) and reads back only the rows of its devices in the layout it restores to.  So a checkpoint
+restores onto any number of devices or hosts (elastic resume), and on the same layout bitwise.  In a
+multi-host run the checkpoint directory must be storage every process sees (``checkpoint.dir``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+
+from distdeer import distributed
+
+FORMAT = 2  # 2: whole-series warm start in its own item, TrainState.skipped; 1 (or none): before that
 
 
 class CheckpointError(ValueError):
@@ -36,12 +50,14 @@ def params_sha256(params) -> str:
 
 
 def state_sha256(state, carried: bool = False) -> str:
-    """Fingerprint of everything a resumed step depends on: parameters, optimizer state, α, the step and,
+    """Fingerprint of everything a resumed step depends on: parameters, optimizer state, α, the step, the
+    count of skipped updates and,
     with carried windows (``carried``), the streams' end states in ``state.warm``.  A Newton warm start is
     left out: it changes the iterations, not the solution, and it is T·M floats.  Saved in the metadata
     and checked on every restore — also when the restore lands on another device count (elastic
     resume), where it must be bitwise equal."""
-    tree = {"params": state.params, "opt_state": state.opt_state, "alpha": state.alpha, "step": state.step}
+    tree = {"params": state.params, "opt_state": state.opt_state, "alpha": state.alpha, "step": state.step,
+            "skipped": state.skipped}
     if carried:
         tree["carried"] = state.warm
     return params_sha256(tree)
@@ -56,28 +72,124 @@ def _path(directory: str) -> str:
     return directory if "://" in directory else os.path.abspath(directory)  # gs://, s3:// go to Orbax as is
 
 
+# -- the whole-series warm start: a (T, M) zarr array written and read per process ---------------------
+
+@dataclasses.dataclass
+class WarmSave(ocp.args.CheckpointArgs):
+    array: jax.Array  # (n·P, M) in the slot layout (or (T, M) on one device)
+    steps: int  # T: rows saved (the padding slots past T are not)
+
+
+@dataclasses.dataclass
+class WarmRestore(ocp.args.CheckpointArgs):
+    shape: tuple  # (n·P, M) to restore into
+    sharding: jax.sharding.Sharding  # its layout (NamedSharding over "time", or one device's)
+    steps: int  # T
+
+
+def _blocks(sharding: jax.sharding.Sharding, shape: tuple):
+    """(device, first row, stop row) of each device of this process in the layout ``sharding``."""
+    return [(device, *index[0].indices(shape[0])[:2])
+            for device, index in sharding.addressable_devices_indices_map(shape).items()]
+
+
+class WarmStartHandler(ocp.CheckpointHandler):
+    """Saves a time-sharded warm start as a ``(T, M)`` zarr array, each process its own rows."""
+
+    def save(self, directory, args: WarmSave):
+        a, T = args.array, args.steps
+        M = a.shape[1]
+        n = a.sharding.shard_shape(a.shape)[0]
+        # Host copies first: once save() returns, the caller may reuse (donate) the device buffers.
+        mine = [(s.index[0].indices(a.shape[0])[0], np.asarray(s.data)) for s in a.addressable_shards
+                if s.replica_id == 0]
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.fspath(directory / "warm.zarr")}}
+        if jax.process_index() == 0:
+            ts.open({**spec, "metadata": {
+                "shape": [T, M], "data_type": "float32",
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(1, min(n, T)), M]}},
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]}},
+                create=True, delete_existing=True).result()
+        distributed.barrier("distdeer-warm-created")
+        out = ts.open(spec, open=True).result()
+        writes = [out[start:min(start + len(x), T)].write(x[: max(0, min(len(x), T - start))])
+                  for start, x in mine if start < T]
+        for w in writes:
+            w.result()
+        distributed.barrier("distdeer-warm-written")
+
+    def restore(self, directory, args: WarmRestore):
+        src = ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
+                                                      "path": os.fspath(directory / "warm.zarr")}},
+                      open=True).result()
+        T, M = src.shape
+        if T != args.steps or M != args.shape[1]:
+            raise ValueError(f"warm start of shape {(T, M)} saved, the run needs ({args.steps}, {args.shape[1]})")
+        last = None
+        arrays = []
+        for device, a, b in _blocks(args.sharding, args.shape):
+            x = np.asarray(src[min(a, T):min(b, T)].read().result(), np.float32)
+            if len(x) < b - a:  # padding slots: any finite state (they are masked); the last one repeated
+                if last is None:
+                    last = np.asarray(src[T - 1:T].read().result(), np.float32)
+                x = np.concatenate([x, np.repeat(last, b - a - len(x), axis=0)])
+            arrays.append(jax.device_put(x, device))
+        return jax.make_array_from_single_device_arrays(tuple(args.shape), args.sharding, arrays)
+
+
+ocp.args.register_with_handler(WarmStartHandler, for_save=True)(WarmSave)
+ocp.args.register_with_handler(WarmStartHandler, for_restore=True)(WarmRestore)
+
+
 def manager(directory: str, keep: int) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
     return ocp.CheckpointManager(_path(directory), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-              force=True)
+def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, warm_steps: int | None = None) -> None:
+    """Save ``state`` at ``step``; ``warm_steps`` = T saves ``state.warm`` (a whole-series warm start in the
+    slot layout) as its own ``(T, M)`` item, and a placeholder row in the state item."""
+    items = {"meta": ocp.args.JsonSave({**meta, "format": FORMAT})}
+    if warm_steps is not None:
+        items["warm"] = WarmSave(state.warm, warm_steps)
+        state = state._replace(warm=np.zeros((1, state.warm.shape[1]), np.float32))
+    items["state"] = ocp.args.StandardSave(state)
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, target):
-    """Restore ``step`` into the structure of ``target`` (abstract arrays are fine)."""
+def restore(mngr: ocp.CheckpointManager, step: int, target, warm_steps: int | None = None):
+    """Restore ``step`` into the structure of ``target`` (abstract arrays are fine); with ``warm_steps``
+    = T the whole-series warm start into ``target.warm``'s shape and sharding (any device count)."""
+    fmt = _read_meta(mngr, step).get("format", 1)
+    if fmt != FORMAT:
+        raise CheckpointError(f"checkpoint {step} in {mngr.directory} has format {fmt}, this distdeer reads "
+                              f"format {FORMAT}; finish that run with the distdeer that wrote it")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    items = {"meta": ocp.args.JsonRestore()}
+    if warm_steps is not None:
+        w = target.warm
+        items["warm"] = WarmRestore(tuple(w.shape), w.sharding, warm_steps)
+        M = w.shape[1]
+        abstract = abstract._replace(warm=jax.ShapeDtypeStruct((1, M), np.float32))
+    items["state"] = ocp.args.StandardRestore(abstract)
     try:
-        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                         meta=ocp.args.JsonRestore()))
+        out = mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax raises many types for damaged or foreign checkpoints
         raise CheckpointError(f"checkpoint {step} in {mngr.directory} cannot be restored: "
                               f"{type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
-    return out.state, dict(out.meta)
+    state = out.state
+    if warm_steps is not None:
+        state = state._replace(warm=out.warm)
+    return state, dict(out.meta)
+
+
+def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+    try:
+        return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {step} in {mngr.directory} has no readable metadata: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
 
 
 def read_meta(directory: str, step: int) -> dict:
-    mngr = ocp.CheckpointManager(_path(directory))
-    return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    return _read_meta(ocp.CheckpointManager(_path(directory)), step)

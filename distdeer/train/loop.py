@@ -43,9 +43,10 @@ from distdeer import plots
 from distdeer.config import Config, ConfigError
 from distdeer.data import loader, store
 from distdeer.precision import float32_matmuls
+from distdeer.solver import Result
 from distdeer.models import Model
 from distdeer.train import checkpoint
-from distdeer.train.step import TrainState, init_state, make_train_step
+from distdeer.train.step import TrainState, init_state, initial_warm, make_train_step
 
 IDENTITY_SECTIONS = ("seed", "data", "model", "gtf", "solver")
 IDENTITY_TRAIN_KEYS = ("seq_len", "batch", "carry", "noise", "lambda_lat", "lr", "lr_end", "clip", "steps")
@@ -197,15 +198,52 @@ def prepare(cfg: Config, read: bool = True):
     return source, model, check_run_dir(cfg)
 
 
-def initial_state(model: Model, cfg: Config, series: jax.Array, length: int, mesh) -> TrainState:
-    """Fresh state as global arrays on ``mesh``: replicated parameters and optimizer state; in
-    whole-series mode the Newton warm start is the data's forcing states."""
-    state = mesh_mod.replicate(init_state(model, cfg, None), mesh)
+def place_data(source: loader.Source, cfg: Config, mesh):
+    """The training data as global arrays: a ``WholeSeries`` in the slot layout (whole series, sharded
+    over ``"time"``, each process reading its own rows) or the series on every device (windows)."""
     if cfg.train.seq_len is None:
-        shardings = {} if mesh is None else {"out_shardings": mesh_mod.replicated(mesh)}
-        warm = jax.jit(lambda p, x: model.forcing(p, x[:length])[1:], **shardings)(state.params, series)
+        return mesh_mod.whole_series(source, mesh)
+    return mesh_mod.series_array(source, mesh)
+
+
+def initial_state(model: Model, cfg: Config, data, mesh) -> TrainState:
+    """Fresh state as global arrays on ``mesh``: replicated parameters and optimizer state; in
+    whole-series mode the Newton warm start is the data's forcing states, sharded like ``data.rows``."""
+    state = mesh_mod.replicate(init_state(model, cfg), mesh)
+    if cfg.train.seq_len is None:
+        shardings = {} if mesh is None else {"out_shardings": data.rows.sharding}
+        warm = jax.jit(lambda p, d: initial_warm(model, p, d, mesh), **shardings)(state.params, data)
         state = state._replace(warm=warm)
     return state
+
+
+def compile_step(model: Model, cfg: Config, mesh, steps: int, state: TrainState, data):
+    """The jitted training step the loop runs: ``run(state, data) -> (state, metrics)``; ``.jitted`` is the
+    underlying ``jax.jit`` of ``(warm, state without warm, data)`` (to lower and analyse it).
+
+    The warm start's buffer is donated: the next state's overwrites it in place (T·M floats saved per
+    device).  That is safe because a checkpoint save copies it to the host before it returns
+    (``checkpoint.WarmStartHandler``); nothing else is donated, since Orbax may still be reading the
+    parameters of an asynchronous save.  On a mesh the shardings are pinned to the state's own (the
+    warm start sharded like the data, the rest replicated): otherwise the second step recompiles."""
+    fn = make_train_step(model, cfg, mesh, steps)
+    kw = {}
+    if mesh is not None:
+        rest = jax.tree.map(lambda a: a.sharding, state._replace(warm=None))
+        data_sh = jax.tree.map(lambda a: a.sharding, data)
+        kw = {"in_shardings": (state.warm.sharding, rest, data_sh),
+              "out_shardings": (rest._replace(warm=state.warm.sharding), mesh_mod.replicated(mesh))}
+    jitted = jax.jit(lambda warm, rest, d: fn(rest._replace(warm=warm), d), donate_argnums=0, **kw)
+
+    def run_step(state, data):
+        return jitted(state.warm, state._replace(warm=None), data)
+
+    run_step.jitted = jitted
+    return run_step
+
+
+class TooManySkipped(RuntimeError):
+    """More updates were skipped (failed solves) than ``train.max_skipped`` allows."""
 
 
 @float32_matmuls  # distdeer/precision.py: the GPU default (TF32) is too coarse
@@ -220,20 +258,23 @@ def run(cfg: Config, control: Control | None = None) -> dict:
     multi = jax.process_count() > 1
     primary = distributed.is_primary()
     source, model, _ = prepare(cfg)
-    T = source.shape[0]
-    mesh = mesh_mod.build(cfg, T)
+    R = source.shape[0]
+    steps = R - 1  # T: steps of the whole series
+    whole = cfg.train.seq_len is None
+    mesh = mesh_mod.build(cfg, R)
     run_dir = cfg.run.dir
     if primary:
         start_run_dir(cfg, source.info)
     distributed.barrier("distdeer-run-dir")
-    series = mesh_mod.series_array(source, mesh)
-    state = initial_state(model, cfg, series, T, mesh)
+    data = place_data(source, cfg, mesh)
+    state = initial_state(model, cfg, data, mesh)
+    warm_steps = steps if whole else None
     mngr = checkpoint.manager(checkpoint.location(cfg), cfg.checkpoint.keep)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     latest = mngr.latest_step()
     if latest is not None:
-        state, meta = checkpoint.restore(mngr, latest, state)
-        if "state_sha256" in meta and checkpoint.state_sha256(state, cfg.train.carry) != meta["state_sha256"]:
+        state, meta = checkpoint.restore(mngr, latest, state, warm_steps)
+        if checkpoint.state_sha256(state, cfg.train.carry) != meta["state_sha256"]:
             raise checkpoint.CheckpointError(f"checkpoint {latest} in {checkpoint.location(cfg)} restored to a state "
                                              "that differs from the one saved (state_sha256 mismatch)")
         if primary:
@@ -241,25 +282,19 @@ def run(cfg: Config, control: Control | None = None) -> dict:
     elif primary and os.path.exists(metrics_path):
         os.remove(metrics_path)
     start = int(state.step)
-    # No buffer donation: an asynchronous checkpoint may still be reading the previous state.
-    shardings = {}
-    if mesh is not None:
-        # Pinned to the state's own (replicated) shardings: otherwise the second step recompiles for the
-        # first step's output layout.  The warm start is thereby gathered once per step (T·M floats).
-        state_sh = jax.tree.map(lambda a: a.sharding, state)
-        shardings = {"in_shardings": (state_sh, series.sharding),
-                     "out_shardings": (state_sh, mesh_mod.replicated(mesh))}
-    train_step = jax.jit(make_train_step(model, cfg, mesh, length=T), **shardings)
+    train_step = compile_step(model, cfg, mesh, steps, state, data)
+    skip_budget = int(cfg.train.max_skipped * cfg.train.steps)
     total = cfg.train.steps
     bar, show = _progress(total, start, quiet=not primary)
     last = {}
     t_prev = t_start = time.perf_counter()
     save_s = 0.0
     stopped = False
+    failed = None
     log = open(metrics_path, "a") if primary else contextlib.nullcontext()
     with _on_signals(control.stop), log, (bar if bar is not None else contextlib.nullcontext()):
         for step in range(start, total):
-            state, m = train_step(state, series)
+            state, m = train_step(state, data)
             done = step + 1
             # Multi-process: a tiny collective queued behind the step, so it returns once the step has
             # run on every process — the launcher's watchdog heartbeat then means the step finished.
@@ -272,6 +307,7 @@ def run(cfg: Config, control: Control | None = None) -> dict:
                         "alpha_estimate": float(m.alpha_estimate), "newton_iterations": int(m.newton_iterations),
                         "newton_residual": float(m.newton_residual), "converged": bool(m.converged),
                         "result": int(m.result), "lr": float(m.lr), "grad_norm": float(m.grad_norm),
+                        "skipped": int(m.skipped),
                         "step_time_s": (now - t_prev) / cfg.train.log_every, "checkpoint_s_total": save_s,
                         "elapsed_s": now - t_start}
                 t_prev = now
@@ -279,13 +315,22 @@ def run(cfg: Config, control: Control | None = None) -> dict:
                     log.write(json.dumps(last) + "\n")
                     log.flush()
                 show(done, f"loss {last['loss']:.4g} α {last['alpha']:.3f} it {last['newton_iterations']} "
-                           f"{1.0 / max(last['step_time_s'], 1e-9):.1f} it/s")
+                           f"{1.0 / max(last['step_time_s'], 1e-9):.1f} it/s"
+                           + (f" skipped {last['skipped']}" if last["skipped"] else ""))
+                if last["skipped"] > skip_budget:
+                    failed = (f"{last['skipped']} of {done} updates skipped (Newton solve failed, last result "
+                              f"{Result(last['result']).name}, residual {last['newton_residual']:.3g}), more than "
+                              f"train.max_skipped={cfg.train.max_skipped} of {total} steps; saved step {done}; rerun "
+                              "with a larger train.max_skipped to continue, or start a new run with "
+                              "solver.fallback=true or a larger solver.max_iter")
+                    stop = True
             if done % cfg.checkpoint.every == 0 or done == total or stop:
                 t_save = time.perf_counter()
                 checkpoint.save(mngr, done, state, {"step": done, "params_sha256": checkpoint.params_sha256(state.params),
                                                     "state_sha256": checkpoint.state_sha256(state, cfg.train.carry),
-                                                    "loss": last.get("loss"), "warm_rows": int(state.warm.shape[0]),
-                                                    "devices": len(jax.devices()), "processes": jax.process_count()})
+                                                    "loss": last.get("loss"), "skipped": int(state.skipped),
+                                                    "devices": len(jax.devices()), "processes": jax.process_count()},
+                                warm_steps)
                 save_s += time.perf_counter() - t_save  # the blocking part; Orbax writes in the background
             if stop:
                 stopped = True
@@ -293,6 +338,8 @@ def run(cfg: Config, control: Control | None = None) -> dict:
         # Still under the handler: a signal while the last save commits must not kill the process.
         mngr.wait_until_finished()
         mngr.close()
+    if failed:
+        raise TooManySkipped(failed)
     evaluation, eval_interrupted = None, False
     if not stopped and primary:
         plots.loss_figure(metrics_path, os.path.join(run_dir, "loss.png"))
@@ -360,6 +407,7 @@ def inspect(run_dir: str) -> dict:
             lines = [line for line in f if line.strip()]
         last = json.loads(lines[-1]) if lines else None
     return {"run_dir": os.path.abspath(run_dir), "step": step, "params_sha256": meta.get("params_sha256"),
+            "skipped": meta.get("skipped"),
             "config": {"model": config_mod.to_dict(cfg)["model"], "data": config_mod.to_dict(cfg)["data"],
                        "train": config_mod.to_dict(cfg)["train"]},
             "last_metrics": last}
