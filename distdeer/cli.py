@@ -10,6 +10,7 @@
                           [--alpha A] [--method blocked|associative] [--repeats R] [--memory-only] [--json PATH]
     distdeer bench gtf --T 10000,100000,1000000 [--alpha 0.1] [--max-iter 50] [--json PATH]
     distdeer bench train --T 100000 --steps 200 [--set KEY=VALUE] [--json PATH]
+    distdeer bench train --devices P [--processes K --pin] [--T …] [--steps 6] [--compile-only] [--json PATH]
 
 Bad input is reported in one line on stderr with exit code 2, before anything is computed or written.
 """
@@ -101,9 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     imp = dsub.add_parser("import", help="validate and store a .npy/.csv series")
     imp.add_argument("file")
     imp.add_argument("--out", required=True, help="PATH.zarr")
-    bt = which.add_parser("train", help="training-step time: GTF-DEER vs sequential GTF-BPTT")
+    bt = which.add_parser("train", help="training step: GTF-DEER vs GTF-BPTT (one device), or with --devices the "
+                          "whole-series step as training compiles it (collective bytes, memory, step time)")
     bt.add_argument("--T", type=_positive("--T"), default=100_000)
-    bt.add_argument("--steps", type=_positive("--steps"), default=200)
+    bt.add_argument("--steps", type=_positive("--steps"), default=200,
+                    help="training steps timed (default 200; with --devices use a few)")
+    bt.add_argument("--devices", type=_positive("--devices"), default=None,
+                    help="whole-series step on P devices (on CPU: simulated; all devices of --processes)")
+    bt.add_argument("--processes", type=_positive("--processes"), default=1,
+                    help="with --devices: jax.distributed processes on this machine sharing the devices")
+    bt.add_argument("--pin", action="store_true", help="with --processes: process r on CPU core r")
+    bt.add_argument("--compile-only", action="store_true",
+                    help="with --devices: only compile and read collective bytes and memory")
     bt.add_argument("--latent", type=_positive("--latent"), default=3)
     bt.add_argument("--hidden", type=_positive("--hidden"), default=50)
     bt.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -203,11 +213,23 @@ def _bench_train(args) -> int:
 
     from distdeer.bench import train as bench_train
 
+    if args.devices is None and (args.processes > 1 or args.pin or args.compile_only):
+        raise UsageError("--processes, --pin and --compile-only go with --devices")
     try:
-        res = bench_train.run(args.T, args.steps, args.latent, args.hidden, overrides=args.overrides)
-    except _user_errors() as e:
+        if args.devices is None:
+            res = bench_train.run(args.T, args.steps, args.latent, args.hidden, overrides=args.overrides)
+        elif args.processes > 1:
+            res = bench_train.in_processes(args.processes, args.pin, args.T, args.devices, args.steps, args.latent,
+                                           args.hidden, args.overrides, args.compile_only)
+        else:
+            import jax
+
+            jax.config.update("jax_num_cpu_devices", args.devices)  # simulated CPU devices (before JAX starts)
+            res = bench_train.sharded(args.T, args.devices, args.steps, args.latent, args.hidden, args.overrides,
+                                      args.compile_only)
+    except (*_user_errors(), ValueError) as e:
         raise UsageError(str(e)) from None
-    print(bench_train.report(res))
+    print(bench_train.report(res) if args.devices is None else bench_train.report_sharded(res))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
