@@ -22,7 +22,6 @@ lay the (replicated) inputs and outputs of the benchmark out over time — O(T),
 from __future__ import annotations
 
 import os
-import re
 import resource
 
 import jax
@@ -31,15 +30,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from distdeer import gtf
+from distdeer.bench import hlo as hlo_mod
 from distdeer.bench import solver as solver_bench
 from distdeer.models import plrnn
 from distdeer.precision import float32_matmuls
 from distdeer.solver import newton, scan
 
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s(all-gather|collective-permute|all-reduce|all-to-all)"
-                    r"(?:-start)?\(", re.M)
-_SHAPE = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
-_BYTES = {"f32": 4, "f64": 8, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "s64": 8}
 # The solver's own collectives come from JAX primitives in its shard_map body (all_gather, ppermute,
 # pmax, ...: underscore names); the SPMD partitioner's resharding of inputs/outputs (once per solve,
 # O(T)) gets hyphenated names (all-gather, collective-permute, all-reduce).
@@ -48,12 +44,9 @@ _PRIMITIVE = ("all_gather", "ppermute", "pmax", "pmin", "psum")
 
 def collective_bytes(hlo: str) -> tuple[int, int]:
     """(bytes of the solver's own collectives, bytes of resharding collectives) in an HLO module:
-    the summed result sizes of its all-gather / collective-permute / all-reduce / all-to-all ops."""
+    the summed result sizes of its collectives, split by the instruction's name."""
     own = reshard = 0
-    for name, result, _ in _INSTR.findall(hlo):
-        size = 0
-        for dtype, dims in _SHAPE.findall(result):
-            size += (int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1) * _BYTES.get(dtype, 4)
+    for name, _, size in hlo_mod.collectives(hlo):
         if name.startswith(_PRIMITIVE):
             own += size
         else:

@@ -14,7 +14,6 @@ after the first 100, the warm-start regime) and the loss trajectories' agreement
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 
 import jax
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distdeer import config as config_mod
+from distdeer.bench.hlo import collective_bytes
 from distdeer.models import Model
 from distdeer.train.loop import load_series
 from distdeer.train.step import init_state, make_train_step, whole_series
@@ -70,25 +70,6 @@ def report(r: dict) -> str:
 
 
 # -- the whole-series training step as the loop runs it, on P devices ---------------------------------
-
-_COLLECTIVE = re.compile(
-    r"^\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all|"
-    r"collective-broadcast|ragged-all-to-all)(?:-start)?\(", re.M)
-_SHAPE = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
-_BYTES = {"f32": 4, "f64": 8, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "s64": 8, "u64": 8}
-
-
-def collective_bytes(hlo: str) -> dict:
-    """Result bytes of every collective in a compiled HLO module, summed per kind (``-start`` forms of
-    asynchronous collectives counted once, their ``-done`` halves not at all).  A collective inside a
-    loop body counts once (per Newton iteration, say): the sum is the program's collectives per pass."""
-    out: dict[str, int] = {}
-    for result, kind in _COLLECTIVE.findall(hlo):
-        size = sum((int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1) * _BYTES.get(dtype, 4)
-                   for dtype, dims in _SHAPE.findall(result))
-        out[kind] = out.get(kind, 0) + size
-    return out
-
 
 def memory_bytes(compiled) -> int:
     """Per-device bytes of a compiled program: temporaries + arguments + outputs − donated (aliased)."""

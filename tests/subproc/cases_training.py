@@ -13,7 +13,8 @@ import pytest
 
 from distdeer import config as config_mod
 from distdeer import mesh as mesh_mod
-from distdeer.bench.train import collective_bytes, sharded
+from distdeer.bench.hlo import collective_bytes
+from distdeer.bench.train import sharded
 from distdeer.data import loader
 from distdeer.models import Model
 from distdeer.train import loop
