@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hidden", type=_positive("--hidden"), default=50, help="hidden units L")
     s.add_argument("--devices", type=_positive("--devices"), default=1,
                    help="devices to shard time over (on CPU: simulated devices)")
-    s.add_argument("--jacobian", choices=("dense", "diagonal"), default="dense")
+    s.add_argument("--jacobian", choices=CHOICES["solver.jacobian"], default="dense")
     s.add_argument("--method", choices=("blocked", "associative"), default=None,
                    help="local scan (default: blocked on CPU, associative on accelerators)")
     s.add_argument("--alpha", type=float, default=None,
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = commands.add_parser("data", help="generate or import trajectories (tensorstore zarr3)")
     dsub = d.add_subparsers(dest="data", required=True, parser_class=_Parser)
     gen = dsub.add_parser("generate", help="integrate a system")
-    gen.add_argument("system", choices=("lorenz63", "rossler", "lorenz96", "slowfast"))
+    gen.add_argument("system", choices=CHOICES["data.system"])
     gen.add_argument("--steps", type=_positive("--steps"), required=True)
     gen.add_argument("--dt", type=float, default=0.01)
     gen.add_argument("--noise", type=float, default=0.0, help="observation noise, fraction of the std")
@@ -246,18 +246,18 @@ def _user_errors():
 
 
 def _train(args) -> int:
-    from distdeer import config
+    from distdeer import config, run
     from distdeer.train import loop
 
     try:
         cfg = config.load(args.config, args.overrides)
-        summary = loop.run(cfg)
+        summary = run.train(cfg)
     except _user_errors() as e:
         raise UsageError(str(e)) from None
     except loop.TooManySkipped as e:
         print(f"distdeer: training failed: {e}", file=sys.stderr)
         return 1
-    loop.print_outcome(summary)
+    run.print_outcome(summary)
     return 0
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import re
 import types
 import typing
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -20,6 +20,19 @@ _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 class ConfigError(ValueError):
     """A configuration that cannot be used (unknown key, wrong type, bad value)."""
+
+
+# The allowed values of every field with a fixed set of them, stated once: validation, the CLI's choices
+# and its help read them from here (``CHOICES``).
+System = Literal["lorenz63", "rossler", "lorenz96", "slowfast"]
+ModelKind = Literal["shplrnn", "clipped_shplrnn", "alrnn", "plrnn"]
+Readout = Literal["identity", "affine"]
+GTFMode = Literal["adaptive", "constant"]
+NormKind = Literal["max", "geometric", "mean"]
+SolverKind = Literal["deer", "sequential"]
+Jacobian = Literal["dense", "diagonal"]
+Placement = Literal["STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"]
+Selection = Literal["latest", "train"]
 
 
 @dataclasses.dataclass
@@ -33,7 +46,7 @@ GENERATOR_DT = 0.01  # integration step of the built-in systems unless data.dt s
 @dataclasses.dataclass
 class DataConfig:
     path: str | None = None  # .zarr or .npy; None: generate `system` in memory
-    system: str = "lorenz63"  # generator used when path is None
+    system: System = "lorenz63"  # generator used when path is None
     steps: int = 100_000
     # Sampling interval in time units per step. None: GENERATOR_DT for a generated system, else the
     # series' own `dt` attribute (files written by `distdeer data generate`), else unknown — then the
@@ -45,11 +58,11 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    kind: str = "clipped_shplrnn"  # shplrnn | clipped_shplrnn | alrnn | plrnn
+    kind: ModelKind = "clipped_shplrnn"
     latent: int = 3  # M
     hidden: int = 50  # L (shPLRNN family)
     nonlinear: int = 2  # P (ALRNN): units passed through the ReLU
-    readout: str = "identity"  # identity (first N units) | affine (x = B z + b)
+    readout: Readout = "identity"  # identity (the first N units are observed) or affine (x = B z + b)
     # identity readout with M > N: the unforced units' rows of the map's weights (W1, or W) start scaled by
     # this, so their Jacobian block starts near diag(a) — contractive.  GTF does not damp those units, and
     # whole-series DEER converges slowly while they are expansive (docs/results.md, slow–fast)
@@ -58,12 +71,12 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class GTFConfig:
-    mode: str = "adaptive"  # adaptive | constant
+    mode: GTFMode = "adaptive"
     alpha: float = 1.0  # constant α, or the starting α of the adaptive schedule
     # max: per window the geometric mean of ‖J_t‖ over time, then the maximum over the batch (the reference
     # "product upper bound"); geometric: one geometric mean over every forced state of the step (the same
     # for a single series, lower on a batch of windows); mean: the arithmetic mean.
-    norm: str = "max"
+    norm: NormKind = "max"
     every: int = 5  # re-estimate α every k steps
     decay: float = 0.1  # α decays with time constant decay × train.steps (γ derived from it)
     sample: int = 4096  # time points used for the Jacobian-norm estimate
@@ -71,8 +84,8 @@ class GTFConfig:
 
 @dataclasses.dataclass
 class SolverConfig:
-    kind: str = "deer"  # deer (GTF-DEER) | sequential (GTF-BPTT through lax.scan: the baseline)
-    jacobian: str = "dense"
+    kind: SolverKind = "deer"  # deer (GTF-DEER) or sequential (GTF-BPTT through lax.scan: the baseline)
+    jacobian: Jacobian = "dense"
     max_iter: int = 50
     fallback: bool = True  # finish a failed Newton solve sequentially (exact) instead of skipping the step
 
@@ -115,7 +128,7 @@ class RayConfig:
     max_failures: int = 3  # group restarts after worker failures before the job fails
     watchdog_s: float = 300.0  # a step that takes longer than this on any rank is a failure (hang)
     startup_s: float = 900.0  # allowance for placing the group, starting JAX and the first step (compile)
-    placement: str = "STRICT_SPREAD"  # one process per node; PACK to let a small cluster share nodes
+    placement: Placement = "STRICT_SPREAD"  # one process per node; PACK to let a small cluster share nodes
     cpus_per_host: float = 1.0  # CPUs reserved per worker process
     # refuse at launch a group the cluster's live nodes can never hold (false on an autoscaling cluster)
     check_placement: bool = True
@@ -126,7 +139,7 @@ class EvalConfig:
     at_end: bool = True  # evaluate (distdeer eval) when training finishes
     # which checkpoint is evaluated: "latest", or "train" — among the retained ones (checkpoint.keep), the one
     # whose free run has the lowest D_stsp against the training series (the test data are never looked at)
-    select: str = "latest"
+    select: Selection = "latest"
     data: str | None = None  # test series; None: a fresh trajectory of a generated system
     # the data system's largest Lyapunov exponent per time unit, when known (eval.json compares the model's
     # with it); None: the literature value for a generated system (data.system or a generated .zarr)
@@ -148,17 +161,18 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
-CHOICES = {
-    "data.system": ("lorenz63", "rossler", "lorenz96", "slowfast"),
-    "model.kind": ("shplrnn", "clipped_shplrnn", "alrnn", "plrnn"),
-    "model.readout": ("identity", "affine"),
-    "gtf.mode": ("adaptive", "constant"),
-    "gtf.norm": ("geometric", "max", "mean"),
-    "solver.kind": ("deer", "sequential"),
-    "solver.jacobian": ("dense", "diagonal"),
-    "ray.placement": ("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"),
-    "eval.select": ("latest", "train"),
-}
+def _choices(cls, prefix: str = "") -> dict[str, tuple]:
+    """``{"section.key": allowed values}`` for every Literal-typed field of the config dataclasses."""
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(_choices(tp, f"{prefix}{name}."))
+        elif typing.get_origin(tp) is Literal:
+            out[prefix + name] = typing.get_args(tp)
+    return out
+
+
+CHOICES = _choices(Config)
 POSITIVE = ("data.steps", "data.dt", "model.latent", "model.hidden", "gtf.every", "gtf.decay", "gtf.sample",
             "solver.max_iter", "train.steps", "train.batch", "train.lr", "train.lr_end", "train.log_every",
             "checkpoint.every", "checkpoint.keep", "train.seq_len", "mesh.devices",
@@ -168,6 +182,10 @@ NON_NEGATIVE = ("data.noise", "model.nonlinear", "model.unforced_init", "train.c
 
 def _check_type(key: str, value: Any, tp) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        if isinstance(value, str) and value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: must be one of {', '.join(typing.get_args(tp))}, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         errors = []
         for option in typing.get_args(tp):
@@ -198,6 +216,8 @@ def _check_type(key: str, value: Any, tp) -> Any:
 
 
 def _name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(typing.get_args(tp))
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_name(a) for a in typing.get_args(tp))
     return "null" if tp is type(None) else tp.__name__

@@ -34,7 +34,6 @@ from distdeer.models import Model
 from distdeer.precision import float32_matmuls
 from distdeer.solver import sequential
 from distdeer.train import checkpoint
-from distdeer.train.step import init_state
 
 KNOWN_LYAPUNOV = {"lorenz63": 0.9056, "rossler": 0.0714}  # largest exponents per time unit (literature)
 PE_STEPS = 20
@@ -69,11 +68,10 @@ def load_run(run_dir: str, step: int | None = None):
         elif step not in steps:
             raise EvalError(f"{run_dir} has no checkpoint at step {step} (retained: {sorted(steps)})")
         model = Model.from_config(cfg.model, len(norm["mean"]))
-        # Only the state item is read (a whole-series warm start is a separate item, not needed here).
-        state, _ = checkpoint.restore(mngr, step, init_state(model, cfg))
+        params = checkpoint.restore_params(mngr, step, jax.eval_shape(model.init, jax.random.PRNGKey(0)))
     finally:
         mngr.close()
-    return cfg, model, state.params, norm, step
+    return cfg, model, params, norm, step
 
 
 def retained_steps(run_dir: str) -> list[int]:

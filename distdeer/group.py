@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -44,6 +45,10 @@ POLL_S = 0.5
 
 class FatalError(RuntimeError):
     """A worker failed on bad input (config, data, checkpoint): restarting cannot help."""
+
+
+class TrainingFailed(RuntimeError):
+    """Training stopped itself (more skipped updates than train.max_skipped): restarting would repeat it."""
 
 
 @ray.remote(max_restarts=0, max_concurrency=4)
@@ -79,10 +84,13 @@ class HostWorker:
             summary = loop.run(config_mod.from_dict(Config, cfg_dict), self.control)
         except (ConfigError, DataError, CheckpointError) as e:
             raise FatalError(str(e)) from None
+        except loop.TooManySkipped as e:
+            raise TrainingFailed(str(e)) from None
         devices = len(jax.devices())
         distributed.shutdown()
         return {"step": summary["step"], "stopped": summary["stopped"], "params_sha256": summary["params_sha256"],
-                "last": summary["last"], "devices": devices}
+                "last": summary["last"], "devices": devices,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
     def measure(self, coordinator: str, hosts: int, rank: int, timeout_s: int, point: dict) -> dict | None:
         """One row of a scaling study (``launch/scaling.py --ray``): rank 0 returns it, the others None."""
@@ -180,6 +188,7 @@ class Outcome:
     cause: str = ""
     fatal: bool = False
     summary: dict | None = None
+    code: int = 2  # the job's exit code when fatal: 2 bad input, 1 training failed
 
 
 def _now() -> str:
@@ -251,11 +260,14 @@ class Supervisor:
                 except ray.exceptions.RayTaskError as e:
                     if isinstance(e.cause, FatalError):
                         return Outcome(False, str(e.cause), fatal=True)
+                    if isinstance(e.cause, TrainingFailed):
+                        return Outcome(False, f"training failed: {e.cause}", fatal=True, code=1)
                     return Outcome(False, f"rank {rank} failed: {_first_line(e)}")
                 except ray.exceptions.RayError as e:
                     return Outcome(False, f"rank {rank} lost: {type(e).__name__}: {_first_line(e)}")
             if len(results) == len(refs):
-                return Outcome(True, summary=results[0])
+                rss = [results[r]["peak_rss_bytes"] for r in sorted(results)]
+                return Outcome(True, summary=dict(results[0], peak_rss_bytes=rss))
             # Watchdog: ask every rank for its progress (a stopped or hung process does not answer).
             now = time.monotonic()
             for rank, a in enumerate(actors):
@@ -297,15 +309,17 @@ class Supervisor:
             if outcome.ok:
                 s = outcome.summary
                 self._event(event="stopped" if s["stopped"] else "finished", attempt=number, step=s["step"],
-                            params_sha256=s["params_sha256"])
+                            params_sha256=s["params_sha256"], peak_rss_bytes=s["peak_rss_bytes"])
                 state = "stopped (signal) at" if s["stopped"] else "finished at"
                 self.log(f"distdeer: {state} step {s['step']} on {cfg.mesh.hosts} hosts × {s['devices'] // cfg.mesh.hosts} "
-                         f"devices after {len(self.failures)} restart(s); params sha256 {s['params_sha256'][:16]}…")
+                         f"devices after {len(self.failures)} restart(s); params sha256 {s['params_sha256'][:16]}…; "
+                         "peak resident memory per process "
+                         + ", ".join(f"{b / 2 ** 30:.2f}" for b in s["peak_rss_bytes"]) + " GiB")
                 return 0
             if outcome.fatal:
                 self._event(event="failed", attempt=number, cause=outcome.cause, fatal=True)
-                self.log(f"distdeer: error: {outcome.cause}")
-                return 2
+                self.log(f"distdeer: {'error: ' if outcome.code == 2 else ''}{outcome.cause}")
+                return outcome.code
             self.failures.append(outcome.cause)
             self._event(event="failure", attempt=number, cause=outcome.cause)
             if self.stop_requested.is_set():

@@ -81,15 +81,21 @@ def series_array(source: Source, mesh: Mesh | None) -> jax.Array:
     return jax.make_array_from_callback((T, N), replicated(mesh), lambda index: full[index])
 
 
+def whole_series_of(x) -> WholeSeries:
+    """A series ``(T+1, N)`` already in memory, in the slot layout on one device."""
+    x = jax.numpy.asarray(x)
+    return WholeSeries(x[:-1], jax.numpy.stack([x[0], x[-1]]))
+
+
 def whole_series(source: Source, mesh: Mesh | None) -> WholeSeries:
     """The whole-series training data in the slot layout, sharded over ``mesh``'s ``"time"`` axis;
     each process reads only the rows of its own shards (and the two ends)."""
     R, N = source.shape
+    if mesh is None:
+        return whole_series_of(source.all())
     steps = R - 1
     last = source.rows(R - 1, R)
     ends = np.concatenate([source.rows(0, 1), last]).astype(np.float32)
-    if mesh is None:
-        return WholeSeries(jax.numpy.asarray(source.rows(0, steps)), jax.numpy.asarray(ends))
     total = block(steps, mesh.size) * mesh.size
     cache: dict[tuple[int, int], np.ndarray] = {}
 

@@ -11,7 +11,6 @@ share (XLA counts the schedulable CPUs).  Wall times of pinned seeds: docs/resul
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import sys
 import threading
 import time
 
-from distdeer import config
+from distdeer import config, run
 from distdeer import eval as eval_mod
 from distdeer.train import loop
 
@@ -49,24 +48,6 @@ def cpu_shares(n: int) -> list[list[int]]:
         shares.append(cpus[start:stop])
         start = stop
     return shares
-
-
-def _evaluation(cfg) -> dict | None:
-    """The finished run's evaluation: its eval.json when it was made after the final step with the run's
-    checkpoint selection (``eval.select: train`` may evaluate an earlier checkpoint than the final one),
-    else computed now; None when the run did not reach its last step (stopped)."""
-    step = loop.inspect(cfg.run.dir)["step"]
-    if step != cfg.train.steps:
-        return None
-    path = os.path.join(cfg.run.dir, "eval.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            res = json.load(f)
-        # eval.json files written before latest_step existed evaluated the latest checkpoint
-        made_after = res.get("latest_step", res.get("step"))
-        if made_after == step and res.get("checkpoint", {}).get("select", "latest") == cfg.eval.select:
-            return res
-    return eval_mod.evaluate(cfg.run.dir, cfg.eval.data)
 
 
 def _relay(proc: subprocess.Popen, prefix: str) -> None:
@@ -127,8 +108,12 @@ def sweep(config_path: str, overrides: list[str], seeds: list[int], parallel: in
     runs = plan(config_path, overrides, seeds)
     if parallel == 1:
         for cfg in runs:
-            outcome = loop.run(cfg)
-            loop.print_outcome(outcome)
+            try:
+                outcome = run.train(cfg)
+            except loop.TooManySkipped as e:
+                print(f"distdeer: sweep: seed {cfg.seed} ({cfg.run.dir}) failed: {e}", file=sys.stderr)
+                return 1
+            run.print_outcome(outcome)
             if outcome["stopped"]:
                 print(f"distdeer: sweep stopped during {cfg.run.dir}; rerun to resume")
                 return 0
@@ -140,7 +125,7 @@ def sweep(config_path: str, overrides: list[str], seeds: list[int], parallel: in
         if stopped:
             print("distdeer: sweep stopped; rerun to resume")
             return 0
-    results = [_evaluation(cfg) for cfg in runs]
+    results = [run.evaluation_of(cfg) for cfg in runs]
     if any(r is None for r in results):
         print("distdeer: sweep stopped before every run finished; rerun to resume")
         return 0

@@ -170,13 +170,15 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distdeer.config import CHOICES
+
     ap = argparse.ArgumentParser(prog="launch/scaling.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", type=_ints, default=[1, 2, 4, 8])
     ap.add_argument("--hosts", type=_ints, default=[1])
     ap.add_argument("--T", type=_ints, required=True)
     ap.add_argument("--latent", type=int, default=3)
     ap.add_argument("--hidden", type=int, default=50)
-    ap.add_argument("--jacobian", choices=("dense", "diagonal"), default="dense")
+    ap.add_argument("--jacobian", choices=CHOICES["solver.jacobian"], default="dense")
     ap.add_argument("--mode", choices=("strong", "weak"), default="strong")
     ap.add_argument("--pin", action="store_true", help="pin process k to core k (taskset)")
     ap.add_argument("--repeats", type=int, default=3)

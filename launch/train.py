@@ -69,11 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     supervisor = group.Supervisor(cfg)
     supervisor.install_signal_handlers()
     code = supervisor.run()
-    if code == 0 and not supervisor.stop_requested.is_set() and loop.wants_eval(cfg):
+    if code == 0 and not supervisor.stop_requested.is_set():
         from distdeer import eval as eval_mod
+        from distdeer import run
 
-        ev = eval_mod.evaluate(cfg.run.dir, cfg.eval.data)
-        print(f"distdeer: evaluation: D_stsp {ev['D_stsp']['value']:.3f}  D_H {ev['D_H']['value']:.3f}")
+        ev, interrupted = run.finish(cfg)
+        if ev:
+            print(f"distdeer: evaluation: {eval_mod.headline(ev)}")
+        if interrupted:
+            print(f"distdeer: evaluation interrupted (signal); `distdeer eval {cfg.run.dir}` evaluates the run")
     return code
 
 

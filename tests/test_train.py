@@ -223,11 +223,12 @@ def test_other_config_and_corrupt_checkpoint_are_refused(tmp_path, straight, cap
     cfg["train"]["steps"] = 61
     (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
     latest = copy / "checkpoints" / "60"
-    for root, _, files in os.walk(latest / "state"):
-        for f in files:
-            if not f.endswith(".json"):
-                with open(os.path.join(root, f), "wb") as fh:
-                    fh.write(b"garbage")
+    for item in ("params", "optimizer"):
+        for root, _, files in os.walk(latest / item):
+            for f in files:
+                if not f.endswith(".json"):
+                    with open(os.path.join(root, f), "wb") as fh:
+                        fh.write(b"garbage")
     cfg_path = tmp_path / "copy.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(cfg_path)]) == 2
@@ -311,6 +312,7 @@ def test_carried_windows_follow_a_plain_forced_recurrence():
 
     from distdeer import config as config_mod
     from distdeer.models import Model
+    from distdeer.train import modes
     from distdeer.train.step import init_state, make_train_step
 
     cfg = config_mod.load(None, ["model.kind=clipped_shplrnn", "model.latent=5", "model.hidden=8",
@@ -319,9 +321,10 @@ def test_carried_windows_follow_a_plain_forced_recurrence():
                                  "train.lr=1e-2", "train.lr_end=1e-3", "train.lambda_lat=0", "solver.kind=sequential"])
     x = jnp.asarray(np.random.default_rng(0).standard_normal((41, 3)), jnp.float32)  # n = (41 - 1) // 10 = 4
     model = Model.from_config(cfg.model, 3)
-    state = init_state(model, cfg, None)
-    assert state.warm.shape == (2, 5)
-    step = jax.jit(make_train_step(model, cfg))
+    mode = modes.for_config(cfg, model)
+    state = init_state(model, cfg, mode, x)
+    assert state.mode_state.states.shape == (2, 5)
+    step = jax.jit(make_train_step(model, cfg, mode))
     ends = [None, None]
     for k in range(6):
         params, alpha = state.params, float(state.alpha)
@@ -334,7 +337,7 @@ def test_carried_windows_follow_a_plain_forced_recurrence():
             ends[b] = states[-1]
             sq.append((np.asarray(model.observe(params, jnp.asarray(states))) - np.asarray(xs[1:])) ** 2)
         state, m = step(state, x)
-        np.testing.assert_allclose(np.asarray(state.warm), np.stack(ends), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(state.mode_state.states), np.stack(ends), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(float(m.mse), np.mean(sq), rtol=1e-4)
     # the carry is what differs from drawn windows: restarting every window from initial_state would not match
     assert not np.allclose(np.asarray(model.initial_state(params, x[20])), ends[0], atol=1e-3)
@@ -351,7 +354,9 @@ def test_noise_perturbs_the_forcing_not_the_targets(mode):
 
     from distdeer import config as config_mod
     from distdeer.models import Model
-    from distdeer.train.step import init_state, make_train_step, whole_series
+    from distdeer.mesh import whole_series_of
+    from distdeer.train import modes
+    from distdeer.train.step import init_state, make_train_step
 
     S, T, sigma = 10, 41, 0.3
     opts = ["seed=3", "model.kind=clipped_shplrnn", "model.latent=5", "model.hidden=8", "model.readout=identity",
@@ -360,9 +365,10 @@ def test_noise_perturbs_the_forcing_not_the_targets(mode):
     cfg = config_mod.load(None, opts)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((T, 3)), jnp.float32)
     model = Model.from_config(cfg.model, 3)
-    data = whole_series(x) if mode == "whole" else x
-    state = init_state(model, cfg, data if mode == "whole" else None)
-    step = jax.jit(make_train_step(model, cfg, steps=T - 1))
+    data = whole_series_of(x) if mode == "whole" else x
+    training = modes.for_config(cfg, model, None, T - 1)
+    state = init_state(model, cfg, training, data)
+    step = jax.jit(make_train_step(model, cfg, training))
 
     def reference_mse(params, alpha, k, clean):
         if mode == "windows":
@@ -393,17 +399,26 @@ def test_noise_perturbs_the_forcing_not_the_targets(mode):
 
 def test_the_state_fingerprint_covers_carried_states_only_when_they_are_carried():
     """Resume checks state_sha256: with carried windows the streams' end states decide the next step, so
-    they are in it; a Newton warm start is not (it changes iterations, not the solution)."""
+    they are in it (the carried mode says so); a Newton warm start is not (it changes iterations, not
+    the solution)."""
     from distdeer import config as config_mod
+    from distdeer.mesh import whole_series_of
     from distdeer.models import Model
+    from distdeer.train import modes
     from distdeer.train.checkpoint import state_sha256
     from distdeer.train.step import init_state
 
-    cfg = config_mod.load(None, ["model.latent=3", "model.hidden=4", "train.seq_len=10", "train.carry=true"])
-    state = init_state(Model.from_config(cfg.model, 3), cfg, None)
-    moved = state._replace(warm=state.warm + 1.0)
-    assert state_sha256(state, carried=True) != state_sha256(moved, carried=True)
-    assert state_sha256(state) == state_sha256(moved)
+    x = np.zeros((41, 3), np.float32)
+    for opts, fingerprinted in ((["train.seq_len=10", "train.carry=true"], True), (["train.seq_len=null"], False)):
+        cfg = config_mod.load(None, ["model.latent=3", "model.hidden=4", *opts])
+        model = Model.from_config(cfg.model, 3)
+        mode = modes.for_config(cfg, model, None, 40)
+        assert mode.fingerprinted is fingerprinted
+        data = x if cfg.train.seq_len else whole_series_of(x)
+        state = init_state(model, cfg, mode, data)
+        moved = state._replace(mode_state=type(state.mode_state)(state.mode_state.states + 1.0))
+        same = state_sha256(state, mode.fingerprinted) == state_sha256(moved, mode.fingerprinted)
+        assert same is not fingerprinted
 
 
 def test_carried_windows_need_a_window_length(tmp_path, capsys):
@@ -527,7 +542,7 @@ def test_sweep_reuses_a_finished_runs_evaluation_also_of_a_selected_checkpoint(s
     step or with another checkpoint selection."""
     import shutil
 
-    from distdeer import config, eval as eval_mod, sweep
+    from distdeer import config, eval as eval_mod, run
 
     copy = tmp_path / "run"
     shutil.copytree(straight[0], copy)
@@ -543,12 +558,12 @@ def test_sweep_reuses_a_finished_runs_evaluation_also_of_a_selected_checkpoint(s
     # what eval.select=train writes when it chooses an earlier checkpoint, tagged to tell reuse from recompute
     chosen = dict(at_end, step=earlier, checkpoint={"select": "train", "selection": {"chosen": earlier}}, tag=1)
     path.write_text(json.dumps(chosen))
-    reused = sweep._evaluation(cfg)
+    reused = run.evaluation_of(cfg)
     assert reused["tag"] == 1 and reused["step"] == earlier
     for stale in (dict(chosen, latest_step=earlier),  # made before the run's final step
                   dict(at_end, tag=1)):  # made with another selection (latest) than the run's (train)
         path.write_text(json.dumps(stale))
-        fresh = sweep._evaluation(cfg)
+        fresh = run.evaluation_of(cfg)
         assert "tag" not in fresh and fresh["latest_step"] == 60 and fresh["checkpoint"]["select"] == "train"
         written = json.loads(path.read_text())
         assert "tag" not in written and written["checkpoint"]["selection"]["chosen"] == fresh["step"]
@@ -652,6 +667,7 @@ def test_a_failed_solve_skips_the_update_and_never_seeds_a_carried_window():
 
     from distdeer import config as config_mod
     from distdeer.models import Model
+    from distdeer.train import modes
     from distdeer.train.checkpoint import params_sha256
     from distdeer.train.step import init_state, make_train_step
 
@@ -661,14 +677,15 @@ def test_a_failed_solve_skips_the_update_and_never_seeds_a_carried_window():
     model = Model.from_config(config_mod.load(None, opts).model, 3)
     for max_iter, fails in ((1, True), (50, False)):
         cfg = config_mod.load(None, opts + [f"solver.max_iter={max_iter}"])
-        state = init_state(model, cfg)
-        new, m = jax.jit(make_train_step(model, cfg))(state, x)
+        mode = modes.for_config(cfg, model)
+        state = init_state(model, cfg, mode, x)
+        new, m = jax.jit(make_train_step(model, cfg, mode))(state, x)
         assert bool(m.converged) is not fails and int(m.skipped) == int(new.skipped) == int(fails)
         same = params_sha256((new.params, new.opt_state)) == params_sha256((state.params, state.opt_state))
         assert same is fails
         assert (float(new.alpha) == float(state.alpha)) is fails
-        assert bool(np.all(np.isnan(np.asarray(new.warm)))) == fails
-        assert bool(np.all(np.isfinite(np.asarray(new.warm)))) == (not fails)
+        assert bool(np.all(np.isnan(np.asarray(new.mode_state.states)))) == fails
+        assert bool(np.all(np.isfinite(np.asarray(new.mode_state.states)))) == (not fails)
 
 
 def test_too_many_skipped_updates_stop_the_run_with_one_line(tmp_path):

@@ -181,13 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m distdeer.bench.scaling --T … --latent M --hidden L --out ROW.json`` — one row; with
     ``--coordinator HOST:PORT --hosts N --rank R`` one process of an N-process group (rank 0 writes)."""
     import argparse
+
+    from distdeer.config import CHOICES
     import json
 
     ap = argparse.ArgumentParser(prog="python -m distdeer.bench.scaling")
     ap.add_argument("--T", type=int, required=True)
     ap.add_argument("--latent", type=int, default=3)
     ap.add_argument("--hidden", type=int, default=50)
-    ap.add_argument("--jacobian", default="dense", choices=("dense", "diagonal"))
+    ap.add_argument("--jacobian", default="dense", choices=CHOICES["solver.jacobian"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--coordinator")

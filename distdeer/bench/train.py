@@ -24,7 +24,9 @@ from distdeer import config as config_mod
 from distdeer.bench.hlo import collective_bytes
 from distdeer.models import Model
 from distdeer.train.loop import load_series
-from distdeer.train.step import init_state, make_train_step, whole_series
+from distdeer.mesh import whole_series_of
+from distdeer.train import modes
+from distdeer.train.step import TrainState, init_state, make_train_step, optimizer
 
 
 def run(T: int = 100_000, steps: int = 200, latent: int = 3, hidden: int = 50, seed: int = 0,
@@ -32,15 +34,16 @@ def run(T: int = 100_000, steps: int = 200, latent: int = 3, hidden: int = 50, s
     base = config_mod.load(None, [f"data.steps={T + 1}", f"model.latent={latent}", f"model.hidden={hidden}",
                                   f"train.steps={steps}", f"seed={seed}", "mesh.devices=1", *overrides])
     series, _ = load_series(base)
-    x = whole_series(series)
+    x = whole_series_of(series)
     out = {"T": T, "steps": steps, "latent": latent, "hidden": hidden, "overrides": list(overrides),
            "backend": jax.default_backend()}
     losses = {}
     for kind in ("deer", "sequential"):
         cfg = dataclasses.replace(base, solver=dataclasses.replace(base.solver, kind=kind))
         model = Model.from_config(cfg.model, series.shape[1])
-        step = jax.jit(make_train_step(model, cfg, steps=T))
-        state = init_state(model, cfg, x)
+        mode = modes.for_config(cfg, model, None, T)
+        step = jax.jit(make_train_step(model, cfg, mode))
+        state = init_state(model, cfg, mode, x)
         times, iters, loss = [], [], []
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -93,7 +96,6 @@ def sharded(T: int = 2 ** 16, devices: int = 1, steps: int = 6, latent: int = 3,
     from distdeer import mesh as mesh_mod
     from distdeer.data import loader
     from distdeer.train import loop
-    from distdeer.train.step import init_state
 
     cfg = _config(T, latent, hidden, steps, devices, overrides)
     mesh = mesh_mod.build(cfg, T + 1)
@@ -102,14 +104,17 @@ def sharded(T: int = 2 ** 16, devices: int = 1, steps: int = 6, latent: int = 3,
     n = mesh_mod.block(T, P)
     rows_sh = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("time"))
     rep = None if mesh is None else mesh_mod.replicated(mesh)
-    state = jax.eval_shape(lambda: init_state(model, cfg))
+    mode = modes.for_config(cfg, model, mesh, T)
     sds = lambda shape, sh: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh)  # noqa: E731
-    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), state)
-    state = state._replace(warm=sds((n * P, latent), rows_sh))
     data = mesh_mod.WholeSeries(sds((n * P, 3), rows_sh), sds((2, 3), rep))
-    run_step = loop.compile_step(model, cfg, mesh, T, state, data)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(cfg.seed))
+    state = TrainState(params, jax.eval_shape(optimizer(cfg).init, params), jnp.float32(0), jnp.int32(0), jnp.int32(0),
+                       None)
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a), sharding=rep), state)
+    state = state._replace(mode_state=modes.WarmStart(sds((n * P, latent), rows_sh)))
+    run_step = loop.compile_step(model, cfg, mode, mesh, state, data)
     t0 = time.perf_counter()
-    compiled = run_step.jitted.lower(state.warm, state._replace(warm=None), data).compile()
+    compiled = run_step.jitted.lower(state.mode_state, state._replace(mode_state=None), data).compile()
     kinds = collective_bytes(compiled.as_text())
     out = {"T": T, "devices": P, "processes": jax.process_count(), "latent": latent, "hidden": hidden,
            "overrides": list(overrides), "backend": jax.default_backend(),
@@ -119,8 +124,8 @@ def sharded(T: int = 2 ** 16, devices: int = 1, steps: int = 6, latent: int = 3,
     if compile_only:
         return out
     source = loader.open_source(cfg)
-    data = loop.place_data(source, cfg, mesh)
-    state = loop.initial_state(model, cfg, data, mesh)
+    data = mode.place(source, mesh)
+    state = loop.initial_state(model, cfg, mode, data, mesh)
     times, iters, losses = [], [], []
     for _ in range(steps):
         t0 = time.perf_counter()

@@ -5,9 +5,11 @@ a crash at any moment leaves the previous complete checkpoint restorable; a half
 listed.  A new manager is built on every start, so ``latest_step`` is what is on disk (a live
 manager's ``latest_step`` can name a save whose commit later failed).
 
-A checkpoint holds three items: ``state`` (the TrainState through Orbax's standard handler, replicated
-values), ``meta`` (JSON) and, for whole-series runs, ``warm``: the Newton warm start as a zarr array of
-exactly ``(T, M)`` — no padding, whatever the device count — written by ``WarmStartHandler``: every
+A checkpoint holds the items ``params`` (what evaluation restores, alone), ``optimizer`` (optimizer
+state, α, step, skipped count), ``meta`` (JSON), and the training mode's own state (``modes``): for
+carried windows ``streams`` (the streams' end states), for the whole series ``warm``: the Newton warm
+start as a zarr array of exactly ``(T, M)`` — no padding, whatever the device count — written by
+``WarmStartHandler``: every
 process writes the rows of its own devices (one chunk per device block, so processes never write the
 same chunk) and reads back only the rows of its devices in the layout it restores to.  So a checkpoint
 restores onto any number of devices or hosts (elastic resume), and on the same layout bitwise.  In a
@@ -26,8 +28,9 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from distdeer import distributed
+from distdeer.train.modes import StreamEnds, WarmStart
 
-FORMAT = 2  # 2: whole-series warm start in its own item, TrainState.skipped; 1 (or none): before that
+FORMAT = 2  # 2: the items above; 1 (or none): one ``state`` item holding the whole TrainState
 
 
 class CheckpointError(ValueError):
@@ -49,17 +52,17 @@ def params_sha256(params) -> str:
     return h.hexdigest()
 
 
-def state_sha256(state, carried: bool = False) -> str:
+def state_sha256(state, fingerprinted: bool = False) -> str:
     """Fingerprint of everything a resumed step depends on: parameters, optimizer state, α, the step, the
-    count of skipped updates and,
-    with carried windows (``carried``), the streams' end states in ``state.warm``.  A Newton warm start is
-    left out: it changes the iterations, not the solution, and it is T·M floats.  Saved in the metadata
+    count of skipped updates and, where the mode says it decides the next step (``fingerprinted``: carried
+    windows' end states), the mode's state.  A Newton warm start is left out: it changes the iterations,
+    not the solution, and it is T·M floats.  Saved in the metadata
     and checked on every restore — also when the restore lands on another device count (elastic
     resume), where it must be bitwise equal."""
     tree = {"params": state.params, "opt_state": state.opt_state, "alpha": state.alpha, "step": state.step,
             "skipped": state.skipped}
-    if carried:
-        tree["carried"] = state.warm
+    if fingerprinted:
+        tree["mode_state"] = state.mode_state
     return params_sha256(tree)
 
 
@@ -146,41 +149,61 @@ def manager(directory: str, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(_path(directory), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, warm_steps: int | None = None) -> None:
-    """Save ``state`` at ``step``; ``warm_steps`` = T saves ``state.warm`` (a whole-series warm start in the
-    slot layout) as its own ``(T, M)`` item, and a placeholder row in the state item."""
-    items = {"meta": ocp.args.JsonSave({**meta, "format": FORMAT})}
-    if warm_steps is not None:
-        items["warm"] = WarmSave(state.warm, warm_steps)
-        state = state._replace(warm=np.zeros((1, state.warm.shape[1]), np.float32))
-    items["state"] = ocp.args.StandardSave(state)
+def _optimizer(state) -> dict:
+    return {"opt_state": state.opt_state, "alpha": state.alpha, "step": state.step, "skipped": state.skipped}
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, steps: int) -> None:
+    """Save ``state`` at ``step`` (``steps`` = T, the rows of a whole-series warm start)."""
+    items = {"meta": ocp.args.JsonSave({**meta, "format": FORMAT}), "params": ocp.args.StandardSave(state.params),
+             "optimizer": ocp.args.StandardSave(_optimizer(state))}
+    if isinstance(state.mode_state, WarmStart):
+        items["warm"] = WarmSave(state.mode_state.states, steps)
+    elif isinstance(state.mode_state, StreamEnds):
+        items["streams"] = ocp.args.StandardSave(state.mode_state)
     mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, target, warm_steps: int | None = None):
-    """Restore ``step`` into the structure of ``target`` (abstract arrays are fine); with ``warm_steps``
-    = T the whole-series warm start into ``target.warm``'s shape and sharding (any device count)."""
+def _restore(mngr: ocp.CheckpointManager, step: int, items: dict):
     fmt = _read_meta(mngr, step).get("format", 1)
     if fmt != FORMAT:
         raise CheckpointError(f"checkpoint {step} in {mngr.directory} has format {fmt}, this distdeer reads "
                               f"format {FORMAT}; finish that run with the distdeer that wrote it")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    items = {"meta": ocp.args.JsonRestore()}
-    if warm_steps is not None:
-        w = target.warm
-        items["warm"] = WarmRestore(tuple(w.shape), w.sharding, warm_steps)
-        M = w.shape[1]
-        abstract = abstract._replace(warm=jax.ShapeDtypeStruct((1, M), np.float32))
-    items["state"] = ocp.args.StandardRestore(abstract)
     try:
-        out = mngr.restore(step, args=ocp.args.Composite(**items))
+        return mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax raises many types for damaged or foreign checkpoints
         raise CheckpointError(f"checkpoint {step} in {mngr.directory} cannot be restored: "
                               f"{type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
-    state = out.state
-    if warm_steps is not None:
-        state = state._replace(warm=out.warm)
+
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, target, steps: int):
+    """Restore ``step`` into the structure, shapes and shardings of the TrainState ``target`` (a
+    whole-series warm start into any device count's layout); returns (state, meta)."""
+    items = {"meta": ocp.args.JsonRestore(), "params": ocp.args.StandardRestore(_abstract(target.params)),
+             "optimizer": ocp.args.StandardRestore(_abstract(_optimizer(target)))}
+    mode_state = target.mode_state
+    if isinstance(mode_state, WarmStart):
+        items["warm"] = WarmRestore(tuple(mode_state.states.shape), mode_state.states.sharding, steps)
+    elif isinstance(mode_state, StreamEnds):
+        items["streams"] = ocp.args.StandardRestore(_abstract(mode_state))
+    out = _restore(mngr, step, items)
+    if isinstance(mode_state, WarmStart):
+        mode_state = WarmStart(out.warm)
+    elif isinstance(mode_state, StreamEnds):
+        mode_state = StreamEnds(*out.streams)
+    o = out.optimizer
+    state = target._replace(params=out.params, opt_state=o["opt_state"], alpha=o["alpha"], step=o["step"],
+                            skipped=o["skipped"], mode_state=mode_state)
     return state, dict(out.meta)
+
+
+def restore_params(mngr: ocp.CheckpointManager, step: int, target_params):
+    """Only the parameters of checkpoint ``step`` (evaluation needs nothing of the training state)."""
+    return _restore(mngr, step, {"params": ocp.args.StandardRestore(_abstract(target_params))}).params
 
 
 def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:

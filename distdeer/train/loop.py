@@ -1,4 +1,5 @@
-"""``distdeer train``: the training loop, run directory, resume and preemption rules.
+"""The training loop: run directory, resume and preemption rules (``distdeer.run`` wraps it in the
+evaluation and report that follow).
 
 Run directory::
 
@@ -8,8 +9,8 @@ Run directory::
     checkpoints/        Orbax checkpoints (state + metadata with params_sha256 and state_sha256);
                         elsewhere if checkpoint.dir is set
     hosts.json, events.jsonl   the current process group and its history (launch/train.py runs)
-    loss.png            loss and α over training (written at the end)
-    eval.json, generated.npy, attractor.png, spectrum.png, timeseries.png   evaluation at the end
+    loss.png            loss and α over training (``distdeer.run``, at the end)
+    eval.json, generated.npy, attractor.png, spectrum.png, timeseries.png   evaluation (``distdeer.run``)
 
 Resume rules (all here): the same command on the same directory restores the latest *complete*
 checkpoint and continues; state that influences the next step is either checkpointed (params,
@@ -17,8 +18,7 @@ optimizer state, α, the Newton warm start or the carried windows' end states) o
 (seed, step, data), so the result is bitwise that of an uninterrupted run on the same devices.
 ``metrics.jsonl`` is cut back to the restored step.  A directory whose config differs in ``model``,
 ``data``, ``gtf``, ``solver``, ``seed`` or the training batch geometry is refused.  SIGTERM (``ray job
-stop``, preemption) finishes the current step, saves, and exits 0; during the evaluation after the last
-step it abandons the evaluation (no eval.json is written) and the run ends as finished.
+stop``, preemption) finishes the current step, saves, and exits 0.
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ from distdeer import config as config_mod
 from distdeer import distributed
 from distdeer import files
 from distdeer import mesh as mesh_mod
-from distdeer import plots
 from distdeer.config import Config, ConfigError
 from distdeer.data import loader, store
 from distdeer.precision import float32_matmuls
 from distdeer.solver import Result
 from distdeer.models import Model
 from distdeer.train import checkpoint
-from distdeer.train.step import TrainState, init_state, initial_warm, make_train_step
+from distdeer.train import modes
+from distdeer.train.step import TrainState, make_train_step, optimizer
 
 IDENTITY_SECTIONS = ("seed", "data", "model", "gtf", "solver")
 IDENTITY_TRAIN_KEYS = ("seq_len", "batch", "carry", "noise", "lambda_lat", "lr", "lr_end", "clip", "steps")
@@ -140,14 +140,6 @@ class Control:
         return self._step, time.monotonic() - self._time
 
 
-class EvaluationInterrupted(Exception):
-    """SIGTERM/SIGINT arrived during the evaluation that follows training."""
-
-
-def _interrupt_evaluation(signum, frame):
-    raise EvaluationInterrupted(signal.Signals(signum).name)
-
-
 @contextlib.contextmanager
 def _on_signals(handler):
     """SIGTERM/SIGINT → ``handler`` while the block runs (only the main thread may install handlers)."""
@@ -198,45 +190,37 @@ def prepare(cfg: Config, read: bool = True):
     return source, model, check_run_dir(cfg)
 
 
-def place_data(source: loader.Source, cfg: Config, mesh):
-    """The training data as global arrays: a ``WholeSeries`` in the slot layout (whole series, sharded
-    over ``"time"``, each process reading its own rows) or the series on every device (windows)."""
-    if cfg.train.seq_len is None:
-        return mesh_mod.whole_series(source, mesh)
-    return mesh_mod.series_array(source, mesh)
+def initial_state(model: Model, cfg: Config, mode, data, mesh) -> TrainState:
+    """Fresh state as global arrays on ``mesh``: replicated parameters and optimizer state, and the
+    mode's own state computed on the mesh (a whole-series warm start sharded like ``data.rows``)."""
+    params = model.init(jax.random.PRNGKey(cfg.seed))
+    state = mesh_mod.replicate(TrainState(params, optimizer(cfg).init(params), jnp.float32(cfg.gtf.alpha),
+                                          jnp.int32(0), jnp.int32(0), None), mesh)
+    shardings = {} if mesh is None else {"out_shardings": mode.state_sharding(data)}
+    return state._replace(mode_state=jax.jit(mode.initial, **shardings)(state.params, data))
 
 
-def initial_state(model: Model, cfg: Config, data, mesh) -> TrainState:
-    """Fresh state as global arrays on ``mesh``: replicated parameters and optimizer state; in
-    whole-series mode the Newton warm start is the data's forcing states, sharded like ``data.rows``."""
-    state = mesh_mod.replicate(init_state(model, cfg), mesh)
-    if cfg.train.seq_len is None:
-        shardings = {} if mesh is None else {"out_shardings": data.rows.sharding}
-        warm = jax.jit(lambda p, d: initial_warm(model, p, d, mesh), **shardings)(state.params, data)
-        state = state._replace(warm=warm)
-    return state
-
-
-def compile_step(model: Model, cfg: Config, mesh, steps: int, state: TrainState, data):
+def compile_step(model: Model, cfg: Config, mode, mesh, state: TrainState, data):
     """The jitted training step the loop runs: ``run(state, data) -> (state, metrics)``; ``.jitted`` is the
-    underlying ``jax.jit`` of ``(warm, state without warm, data)`` (to lower and analyse it).
+    underlying ``jax.jit`` of ``(mode_state, state without it, data)`` (to lower and analyse it).
 
-    The warm start's buffer is donated: the next state's overwrites it in place (T·M floats saved per
-    device).  That is safe because a checkpoint save copies it to the host before it returns
-    (``checkpoint.WarmStartHandler``); nothing else is donated, since Orbax may still be reading the
-    parameters of an asynchronous save.  On a mesh the shardings are pinned to the state's own (the
-    warm start sharded like the data, the rest replicated): otherwise the second step recompiles."""
-    fn = make_train_step(model, cfg, mesh, steps)
+    The mode's state is donated: the next step's overwrites it in place (a whole-series warm start: T·M
+    floats saved per device).  That is safe because a checkpoint save copies it to the host before it
+    returns (``checkpoint.WarmStartHandler``, and Orbax's blocking transfer for the small carried
+    states); nothing else is donated, since Orbax may still be reading the parameters of an asynchronous
+    save (it defers the device-to-host copy of some arrays).  On a mesh the shardings are pinned to the
+    state's own: otherwise the second step recompiles for the first step's output layout."""
+    fn = make_train_step(model, cfg, mode)
     kw = {}
     if mesh is not None:
-        rest = jax.tree.map(lambda a: a.sharding, state._replace(warm=None))
-        data_sh = jax.tree.map(lambda a: a.sharding, data)
-        kw = {"in_shardings": (state.warm.sharding, rest, data_sh),
-              "out_shardings": (rest._replace(warm=state.warm.sharding), mesh_mod.replicated(mesh))}
-    jitted = jax.jit(lambda warm, rest, d: fn(rest._replace(warm=warm), d), donate_argnums=0, **kw)
+        sharding = lambda tree: jax.tree.map(lambda a: a.sharding, tree)  # noqa: E731
+        own, rest = sharding(state.mode_state), sharding(state._replace(mode_state=None))
+        kw = {"in_shardings": (own, rest, sharding(data)),
+              "out_shardings": (rest._replace(mode_state=own), mesh_mod.replicated(mesh))}
+    jitted = jax.jit(lambda own, rest, d: fn(rest._replace(mode_state=own), d), donate_argnums=0, **kw)
 
     def run_step(state, data):
-        return jitted(state.warm, state._replace(warm=None), data)
+        return jitted(state.mode_state, state._replace(mode_state=None), data)
 
     run_step.jitted = jitted
     return run_step
@@ -255,26 +239,24 @@ def run(cfg: Config, control: Control | None = None) -> dict:
     alone writes the plain files; checkpoints are collective (Orbax)."""
     enable_compilation_cache()
     control = control or Control()
-    multi = jax.process_count() > 1
     primary = distributed.is_primary()
     source, model, _ = prepare(cfg)
     R = source.shape[0]
     steps = R - 1  # T: steps of the whole series
-    whole = cfg.train.seq_len is None
     mesh = mesh_mod.build(cfg, R)
     run_dir = cfg.run.dir
     if primary:
         start_run_dir(cfg, source.info)
     distributed.barrier("distdeer-run-dir")
-    data = place_data(source, cfg, mesh)
-    state = initial_state(model, cfg, data, mesh)
-    warm_steps = steps if whole else None
+    mode = modes.for_config(cfg, model, mesh, steps)
+    data = mode.place(source, mesh)
+    state = initial_state(model, cfg, mode, data, mesh)
     mngr = checkpoint.manager(checkpoint.location(cfg), cfg.checkpoint.keep)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     latest = mngr.latest_step()
     if latest is not None:
-        state, meta = checkpoint.restore(mngr, latest, state, warm_steps)
-        if checkpoint.state_sha256(state, cfg.train.carry) != meta["state_sha256"]:
+        state, meta = checkpoint.restore(mngr, latest, state, steps)
+        if checkpoint.state_sha256(state, mode.fingerprinted) != meta["state_sha256"]:
             raise checkpoint.CheckpointError(f"checkpoint {latest} in {checkpoint.location(cfg)} restored to a state "
                                              "that differs from the one saved (state_sha256 mismatch)")
         if primary:
@@ -282,7 +264,7 @@ def run(cfg: Config, control: Control | None = None) -> dict:
     elif primary and os.path.exists(metrics_path):
         os.remove(metrics_path)
     start = int(state.step)
-    train_step = compile_step(model, cfg, mesh, steps, state, data)
+    train_step = compile_step(model, cfg, mode, mesh, state, data)
     skip_budget = int(cfg.train.max_skipped * cfg.train.steps)
     total = cfg.train.steps
     bar, show = _progress(total, start, quiet=not primary)
@@ -327,10 +309,10 @@ def run(cfg: Config, control: Control | None = None) -> dict:
             if done % cfg.checkpoint.every == 0 or done == total or stop:
                 t_save = time.perf_counter()
                 checkpoint.save(mngr, done, state, {"step": done, "params_sha256": checkpoint.params_sha256(state.params),
-                                                    "state_sha256": checkpoint.state_sha256(state, cfg.train.carry),
+                                                    "state_sha256": checkpoint.state_sha256(state, mode.fingerprinted),
                                                     "loss": last.get("loss"), "skipped": int(state.skipped),
                                                     "devices": len(jax.devices()), "processes": jax.process_count()},
-                                warm_steps)
+                                steps)
                 save_s += time.perf_counter() - t_save  # the blocking part; Orbax writes in the background
             if stop:
                 stopped = True
@@ -340,50 +322,8 @@ def run(cfg: Config, control: Control | None = None) -> dict:
         mngr.close()
     if failed:
         raise TooManySkipped(failed)
-    evaluation, eval_interrupted = None, False
-    if not stopped and primary:
-        plots.loss_figure(metrics_path, os.path.join(run_dir, "loss.png"))
-    if not stopped and not multi and wants_eval(cfg):
-        from distdeer import eval as eval_mod
-
-        # Training is complete and checkpointed and eval.json is written last and atomically, so a
-        # signal here abandons the evaluation at once; `distdeer eval` (or a rerun of the sweep) redoes it.
-        eval_interrupted = control.stop_requested  # the signal came while the last checkpoint committed
-        if not eval_interrupted:
-            try:
-                with _on_signals(_interrupt_evaluation):
-                    evaluation = eval_mod.evaluate(run_dir, cfg.eval.data)
-            except EvaluationInterrupted:
-                eval_interrupted = True
-    return {"run_dir": run_dir, "step": int(state.step), "stopped": stopped, "eval_interrupted": eval_interrupted,
-            "params_sha256": checkpoint.params_sha256(state.params), "last": last, "eval": evaluation}
-
-
-RESULT_FILES = ("eval.json", "attractor.png", "spectrum.png", "timeseries.png", "generated.npy", "loss.png",
-                "metrics.jsonl", "checkpoints/")
-
-
-def print_outcome(summary: dict) -> None:
-    """The lines a finished or stopped training run ends with (its evaluation, where its results are)."""
-    where = os.path.abspath(summary["run_dir"])
-    state = "stopped (signal) at" if summary["stopped"] else "finished at"
-    ev = summary.get("eval")
-    if ev:
-        from distdeer import eval as eval_mod
-
-        print(f"distdeer: evaluation: {eval_mod.headline(ev)}")
-    if summary.get("eval_interrupted"):
-        print(f"distdeer: evaluation interrupted (signal); `distdeer eval {where}` evaluates the trained run")
-    # Name only what is there: without an evaluation there are no figures nor eval.json.
-    present = [name for name in RESULT_FILES if os.path.exists(os.path.join(where, name.rstrip("/")))]
-    print(f"distdeer: {state} step {summary['step']}; results in {where} ({', '.join(present)}); "
-          f"params sha256 {summary['params_sha256'][:16]}…", flush=True)
-
-
-def wants_eval(cfg: Config) -> bool:
-    """Evaluate at the end? (Generated data has a natural test series; a file needs ``eval.data``.)
-    Multi-process runs are evaluated by their launcher after the workers exit."""
-    return cfg.eval.at_end and (cfg.data.path is None or cfg.eval.data is not None)
+    return {"run_dir": run_dir, "step": int(state.step), "stopped": stopped,
+            "params_sha256": checkpoint.params_sha256(state.params), "last": last}
 
 
 def inspect(run_dir: str) -> dict:

@@ -2,7 +2,7 @@
 
 Run by tests/test_multidevice.py in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (not collected by the main pytest run).  The program
-is the one ``distdeer train`` runs (``loop.place_data`` → ``loop.initial_state`` → ``loop.compile_step``);
+is the one ``distdeer train`` runs (``mode.place`` → ``loop.initial_state`` → ``loop.compile_step``);
 T is chosen not to be a multiple of the device counts (and once a multiple, where the last target is
 the replicated end row).
 """
@@ -17,7 +17,7 @@ from distdeer.bench.hlo import collective_bytes
 from distdeer.bench.train import sharded
 from distdeer.data import loader
 from distdeer.models import Model
-from distdeer.train import loop
+from distdeer.train import loop, modes
 
 
 def test_eight_devices_are_simulated():
@@ -31,9 +31,10 @@ def train(devices: int, T: int, steps: int = 5, *overrides):
     source = loader.open_source(cfg)
     model = Model.from_config(cfg.model, source.shape[1])
     mesh = mesh_mod.build(cfg, T + 1)
-    data = loop.place_data(source, cfg, mesh)
-    state = loop.initial_state(model, cfg, data, mesh)
-    run_step = loop.compile_step(model, cfg, mesh, T, state, data)
+    mode = modes.for_config(cfg, model, mesh, T)
+    data = mode.place(source, mesh)
+    state = loop.initial_state(model, cfg, mode, data, mesh)
+    run_step = loop.compile_step(model, cfg, mode, mesh, state, data)
     losses, iters = [], []
     for _ in range(steps):
         state, m = run_step(state, data)
@@ -55,10 +56,11 @@ def test_sharded_training_matches_one_device(T, overrides):
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
         assert iters == ref_iters, (devices, iters, ref_iters)
         n = -(-T // devices)
-        assert state.warm.shape == (n * devices, ref_state.warm.shape[1])
-        assert state.warm.sharding.spec == jax.sharding.PartitionSpec("time")
-        assert {s.data.shape[0] for s in state.warm.addressable_shards} == {n}
-        np.testing.assert_allclose(np.asarray(state.warm)[:T], np.asarray(ref_state.warm), atol=1e-4)
+        warm, ref_warm = state.mode_state.states, ref_state.mode_state.states
+        assert warm.shape == (n * devices, ref_warm.shape[1])
+        assert warm.sharding.spec == jax.sharding.PartitionSpec("time")
+        assert {s.data.shape[0] for s in warm.addressable_shards} == {n}
+        np.testing.assert_allclose(np.asarray(warm)[:T], np.asarray(ref_warm), atol=1e-4)
         np.testing.assert_allclose(float(state.alpha), float(ref_state.alpha), rtol=1e-5)
 
 
