@@ -15,8 +15,10 @@ def initialize(coordinator: str, num_processes: int, process_id: int, timeout_s:
     """Join the process group: ``coordinator`` is ``host:port`` of process 0's coordination service."""
     import jax
 
+    # The coordinator (process 0) listens on the address the others connect to, not on every interface.
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id, initialization_timeout=timeout_s)
+                               process_id=process_id, initialization_timeout=timeout_s,
+                               coordinator_bind_address=coordinator)
 
 
 def shutdown() -> None:

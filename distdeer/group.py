@@ -20,14 +20,17 @@ the same step boundary, which saves a checkpoint.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import datetime
 import json
 import os
 import resource
+import secrets
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -106,14 +109,74 @@ class HostWorker:
             self.control.stop()
 
 
+def _pdeathsig() -> None:
+    """In the child before exec: SIGTERM when the parent (the launcher) dies, however it dies (Linux)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class LocalRay:
+    """A private Ray for one local run (``launch/train.py`` without ``RAY_ADDRESS``).
+
+    * Its own session: ``ray start --head --block`` runs in a new session, so a signal to the launcher's
+      process group (``timeout``, ``kill -- -PGID``, a batch scheduler cancelling the job, Ctrl-C) reaches
+      the launcher, which has every worker checkpoint and stop, and not Ray's services under them.  It
+      still ends with the launcher: ``stop()`` at exit, and SIGTERM from the kernel if the launcher dies.
+    * Private: token authentication on with a fresh token known only to this process tree (Ray's
+      services listen on every interface whatever their node address, so the token is what keeps
+      other clients out); the JAX coordinator of a one-node group binds to 127.0.0.1 (``host_group``).
+    """
+
+    def __init__(self, num_cpus: int, timeout_s: float = 120.0):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        from ray._raylet import Config
+
+        Config.initialize("")  # Ray read its authentication mode when imported: read it again
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.address = f"127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+             "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--include-dashboard=false",
+             "--disable-usage-stats"], start_new_session=True, preexec_fn=_pdeathsig,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        atexit.register(self.stop)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.init(address=self.address, logging_level="ERROR")
+                return
+            except Exception as e:  # the head is not up yet
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the local Ray did not start: {type(e).__name__}: {_first_line(e)}") from None
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            ray.shutdown()
+            self.proc.terminate()  # `ray start --block` stops the services it started
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
 def connect(hosts: int, cpus_per_host: float, placement: str, prog: str = "distdeer") -> str:
-    """Join the cluster at ``RAY_ADDRESS``, or start a local Ray with room for ``hosts`` processes.
-    Returns the placement strategy to use: on a one-node local Ray a STRICT_SPREAD group of several
-    hosts cannot be placed, so it becomes PACK (said on stderr)."""
+    """Join the cluster at ``RAY_ADDRESS``, or start a private local Ray (``LocalRay``) with room for
+    ``hosts`` processes.  Returns the placement strategy to use: on a one-node local Ray a STRICT_SPREAD
+    group of several hosts cannot be placed, so it becomes PACK (said on stderr)."""
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return placement
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(hosts * cpus_per_host + 0.999)), include_dashboard=False)
+    LocalRay(num_cpus=max(os.cpu_count() or 1, int(hosts * cpus_per_host + 0.999)))
     if placement.startswith("STRICT_SPREAD") and len(ray.nodes()) < hosts:
         print(f"{prog}: local Ray (one node): {hosts} processes share this machine (placement PACK)", file=sys.stderr)
         return "PACK"
@@ -175,7 +238,9 @@ def host_group(hosts: int, bundle: dict, env: dict, strategy: str, timeout_s: fl
                                              num_gpus=bundle.get("GPU", 0)).remote(env))
         where = ray.get([a.where.remote() for a in actors], timeout=timeout_s)
         port = ray.get(actors[0].free_port.remote(), timeout=60)
-        yield actors, where, f"{where[0]['node_ip']}:{port}"
+        # One node: the coordinator binds to loopback only (nothing outside the machine needs it).
+        host = "127.0.0.1" if len({w["node_id"] for w in where}) == 1 else where[0]["node_ip"]
+        yield actors, where, f"{host}:{port}"
     finally:
         for a in actors:
             ray.kill(a, no_restart=True)
@@ -302,7 +367,7 @@ class Supervisor:
         """Exit code: 0 finished or stopped with a checkpoint; 1 restart budget spent; 2 bad input."""
         cfg = self.cfg
         self._event(event="job_started", hosts=cfg.mesh.hosts, devices_per_host=cfg.mesh.devices_per_host,
-                    max_failures=cfg.ray.max_failures)
+                    max_failures=cfg.ray.max_failures, ray_address=ray.get_runtime_context().gcs_address)
         number = 0
         while True:
             outcome = self.attempt(number)

@@ -278,8 +278,8 @@ def run(cfg: Config, control: Control | None = None) -> dict:
         for step in range(start, total):
             state, m = train_step(state, data)
             done = step + 1
-            # Multi-process: a tiny collective queued behind the step, so it returns once the step has
-            # run on every process — the launcher's watchdog heartbeat then means the step finished.
+            # Multi-process: a tiny collective after the step, so it returns once the step has run on every
+            # process — the launcher's watchdog heartbeat then means the step finished.
             stop = distributed.any_process(control.stop_requested)
             control.beat(done)
             if done % cfg.train.log_every == 0 or done == total or stop:
