@@ -68,7 +68,9 @@ def load_run(run_dir: str, step: int | None = None):
         elif step not in steps:
             raise EvalError(f"{run_dir} has no checkpoint at step {step} (retained: {sorted(steps)})")
         model = Model.from_config(cfg.model, len(norm["mean"]))
-        params = checkpoint.restore_params(mngr, step, jax.eval_shape(model.init, jax.random.PRNGKey(0)))
+        # concrete arrays on this process's default device: the restore lays the parameters out there, whatever
+        # devices and processes the run was saved from
+        params = checkpoint.restore_params(mngr, step, model.init(jax.random.PRNGKey(0)))
     finally:
         mngr.close()
     return cfg, model, params, norm, step

@@ -11,7 +11,7 @@ from distdeer import gtf
 from distdeer.config import ModelConfig
 from distdeer.data import store, systems
 from distdeer.models import Model
-from distdeer.train.step import _jacobian_norm
+from distdeer.train.modes import jacobian_norm
 
 
 @pytest.mark.parametrize("kind", ["shplrnn", "clipped_shplrnn", "alrnn", "plrnn"])
@@ -88,13 +88,13 @@ def test_alpha_rule_and_norm_estimates():
     params = {"F": {"a": jnp.array([2.0, 0.5, 0.5]), "W": jnp.zeros((3, 3)), "h": jnp.zeros(3)}}
     zt = jnp.ones((10, 3))
     # J = diag(2, .5, .5): spectral norm 2 at every step
-    np.testing.assert_allclose(_jacobian_norm(model, params, zt, "geometric", 100), 2.0, rtol=1e-6)
-    np.testing.assert_allclose(_jacobian_norm(model, params, zt, "mean", 100), 2.0, rtol=1e-6)
+    np.testing.assert_allclose(jacobian_norm(model, params, zt, "geometric", 100), 2.0, rtol=1e-6)
+    np.testing.assert_allclose(jacobian_norm(model, params, zt, "mean", 100), 2.0, rtol=1e-6)
     params2 = {"F": {"a": jnp.array([1.0, 0.5, 0.5]), "W": jnp.zeros((3, 3)), "h": jnp.zeros(3)}}
     both = jnp.stack([zt, zt])
     # batch maximum takes the larger of two sequences' geometric means: mix via a per-batch model is
     # not expressible with shared params, so check the reduction on identical sequences
-    np.testing.assert_allclose(_jacobian_norm(model, params2, both, "max", 100), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(jacobian_norm(model, params2, both, "max", 100), 1.0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("system,dim", [("lorenz63", 3), ("rossler", 3), ("lorenz96", 6), ("slowfast", 3)])
@@ -161,7 +161,7 @@ def test_partial_forcing_newton_converges_alrnn_m20_n3(nonlinear, guess):
     model = Model("alrnn", latent=20, observed=3, nonlinear=nonlinear)
     params = model.init(jax.random.PRNGKey(0))
     zhat, z0 = model.forcing(params, x), model.initial_state(params, x[0])
-    alpha = gtf.alpha_from_norm(_jacobian_norm(model, params, zhat[:-1], "geometric", 4096))
+    alpha = gtf.alpha_from_norm(jacobian_norm(model, params, zhat[:-1], "geometric", 4096))
     step = gtf.ForcedStep(model.F, alpha, model.forced_mask(), model.jac, model.jac_diag)
     sol = deer(step, params["F"], z0, zhat[:-1], init=zhat[1:] if guess == "data" else None, max_iter=30)
     assert bool(sol.converged) and int(sol.iterations) <= 10
