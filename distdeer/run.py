@@ -16,11 +16,9 @@ runs in one process: the one that trained, or the launcher once a group's worker
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import threading
 
 from distdeer import eval as eval_mod
 from distdeer import plots
@@ -39,20 +37,6 @@ def _interrupt_evaluation(signum, frame):
     raise EvaluationInterrupted(signal.Signals(signum).name)
 
 
-@contextlib.contextmanager
-def _interrupting():
-    """SIGTERM/SIGINT raise EvaluationInterrupted while the block runs (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {sig: signal.signal(sig, _interrupt_evaluation) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-
 def wants_eval(cfg: Config) -> bool:
     """Evaluate at the end? (Generated data has a natural test series; a file needs ``eval.data``.)"""
     return cfg.eval.at_end and (cfg.data.path is None or cfg.eval.data is not None)
@@ -68,7 +52,7 @@ def finish(cfg: Config, control: loop.Control | None = None) -> tuple[dict | Non
     if control is not None and control.stop_requested:
         return None, True
     try:
-        with _interrupting():
+        with loop.on_signals(_interrupt_evaluation):
             return eval_mod.evaluate(cfg.run.dir, cfg.eval.data), False
     except EvaluationInterrupted:
         return None, True

@@ -87,7 +87,7 @@ def _valid(n: int, opts: Options) -> jax.Array:
     return (start + jnp.arange(n)) < opts.length
 
 
-def _from_left(last, z0, axis_name):
+def from_left(last, z0, axis_name):
     """State before this slice's first step: z0 on device 0, else the left neighbour's last state."""
     if axis_name is None:
         return z0
@@ -98,7 +98,7 @@ def _from_left(last, z0, axis_name):
 
 def _previous(Z, z0, axis_name):
     """``zprev_t = z_{t-1}`` for every step of the slice (one halo exchange)."""
-    return jnp.concatenate([_from_left(Z[-1], z0, axis_name)[None], Z[:-1]])
+    return jnp.concatenate([from_left(Z[-1], z0, axis_name)[None], Z[:-1]])
 
 
 def _steps(dyn: Dynamics, params, zprev, xs):
@@ -241,7 +241,7 @@ def _sequential_sweeps(dyn, opts, params, z0, xs, valid, Z):
             z = jnp.where(v, dyn.step(params, z, x), z)
             return z, z
 
-        return lax.scan(one, _from_left(Z[-1], z0, opts.axis_name), (xs, valid))[1]
+        return lax.scan(one, from_left(Z[-1], z0, opts.axis_name), (xs, valid))[1]
 
     return lax.fori_loop(0, sweeps, sweep, Z)
 

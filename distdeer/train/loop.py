@@ -141,7 +141,7 @@ class Control:
 
 
 @contextlib.contextmanager
-def _on_signals(handler):
+def on_signals(handler):
     """SIGTERM/SIGINT → ``handler`` while the block runs (only the main thread may install handlers)."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -274,7 +274,7 @@ def run(cfg: Config, control: Control | None = None) -> dict:
     stopped = False
     failed = None
     log = open(metrics_path, "a") if primary else contextlib.nullcontext()
-    with _on_signals(control.stop), log, (bar if bar is not None else contextlib.nullcontext()):
+    with on_signals(control.stop), log, (bar if bar is not None else contextlib.nullcontext()):
         for step in range(start, total):
             state, m = train_step(state, data)
             done = step + 1

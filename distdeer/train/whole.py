@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from distdeer.gtf import AlphaInParams
 from distdeer.models import Model
 from distdeer.solver import Result, Solution, deer, deer_shard, sequential
+from distdeer.solver.newton import from_left
 
 AXIS = "time"
 
@@ -54,15 +55,6 @@ def _from_right(first, last_fill, axis):
     p = lax.axis_size(axis)
     recv = lax.ppermute(first, axis, [(i + 1, i) for i in range(p - 1)])
     return jnp.where(lax.axis_index(axis) == p - 1, last_fill, recv)
-
-
-def _from_left(last, first_fill, axis):
-    """The left neighbour's last row (device 0 gets ``first_fill``)."""
-    if axis is None:
-        return first_fill
-    p = lax.axis_size(axis)
-    recv = lax.ppermute(last, axis, [(i, i + 1) for i in range(p - 1)])
-    return jnp.where(lax.axis_index(axis) == 0, first_fill, recv)
 
 
 # -- per-slice pieces ------------------------------------------------------------------------------------
@@ -133,7 +125,7 @@ def local_loss(model: Model, gtf_step: AlphaInParams, solve, steps: int, noise: 
     sq = jnp.where(valid, jnp.sum((pred - x_next) ** 2, axis=-1), 0.0)
     mse = _psum(jnp.sum(sq), axis) / (steps * N)
     states = lax.stop_gradient(sol.states)
-    zprev = jnp.concatenate([_from_left(states[-1], lax.stop_gradient(z0), axis)[None], states[:-1]])
+    zprev = jnp.concatenate([from_left(states[-1], lax.stop_gradient(z0), axis)[None], states[:-1]])
     zt = gtf_step.at(alpha).forced_state(zprev, lax.stop_gradient(zhat))
     sums = norm_sums(model.jac, lax.stop_gradient(params["F"]), zt, index, steps, sample, axis)
     return mse, (sol, sums)
