@@ -28,10 +28,12 @@ import json
 import os
 import resource
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -141,10 +143,13 @@ class LocalRay:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.address = f"127.0.0.1:{port}"
+        # Its own session directory: Ray processes on this machine that look up "the latest session" under
+        # the default /tmp/ray (a job driver of another cluster, say) must not find this one and its token.
+        self.temp_dir = tempfile.mkdtemp(prefix="distdeer-ray-", dir="/tmp")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
              "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--include-dashboard=false",
-             "--disable-usage-stats"], start_new_session=True, preexec_fn=_pdeathsig,
+             "--disable-usage-stats", f"--temp-dir={self.temp_dir}"], start_new_session=True, preexec_fn=_pdeathsig,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         atexit.register(self.stop)
         deadline = time.monotonic() + timeout_s
@@ -167,6 +172,7 @@ class LocalRay:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def connect(hosts: int, cpus_per_host: float, placement: str, prog: str = "distdeer") -> str:
