@@ -49,7 +49,7 @@ from distdeer.config import Config
 from distdeer.gtf import AlphaInParams, ForcedStep, reduce_norms
 from distdeer.mesh import WholeSeries
 from distdeer.models import Model
-from distdeer.solver import Result, Solution, deer_batch, sequential
+from distdeer.solver import Solution, deer_batch, sequential
 from distdeer.train import whole
 
 
@@ -62,7 +62,7 @@ class StreamEnds(NamedTuple):
 
 
 class NoState(NamedTuple):
-    pass
+    """Random windows keep no state of their own (an empty pytree: nothing to save or donate)."""
 
 
 def step_key(cfg: Config, step) -> jax.Array:
@@ -154,10 +154,8 @@ class WindowsMode(_Base):
             z0 = jnp.where(jnp.all(jnp.isfinite(carried), axis=-1, keepdims=True), carried, z0)
         forced = self.forced(alpha)
         if cfg.solver.kind == "sequential":
-            states = jax.vmap(sequential, in_axes=(None, None, 0, 0))(forced, params["F"], z0, zhat[:, :-1])
-            B = states.shape[0]
-            sol = Solution(states, jnp.zeros(B, jnp.int32), jnp.ones(B, bool), jnp.zeros(B, jnp.float32),
-                           jnp.full(B, Result.SUCCESS, jnp.int32))
+            sol = jax.vmap(whole.exact)(
+                jax.vmap(sequential, in_axes=(None, None, 0, 0))(forced, params["F"], z0, zhat[:, :-1]))
         else:
             sol = deer_batch(forced, params["F"], z0, zhat[:, :-1], init=zhat[:, 1:], mesh=self.mesh,
                              throw=False, **self.solver_kw)

@@ -131,6 +131,11 @@ def local_loss(model: Model, gtf_step: AlphaInParams, solve, steps: int, noise: 
     return mse, (sol, sums)
 
 
+def exact(states: jax.Array) -> Solution:
+    """The Solution of states computed sequentially (exact by construction: GTF-BPTT)."""
+    return Solution(states, jnp.int32(0), jnp.bool_(True), jnp.zeros((), states.dtype), jnp.int32(Result.SUCCESS))
+
+
 def solver(kind: str, steps: int, solver_kw: dict):
     """``solve(step, params, z0, zhat, warm, axis) -> Solution`` on one block: DEER (``deer`` on one
     device, ``deer_shard`` on a slice) or the sequential GTF-BPTT baseline (one device only)."""
@@ -138,8 +143,7 @@ def solver(kind: str, steps: int, solver_kw: dict):
         if kind == "sequential":
             if axis is not None:
                 raise ValueError("solver.kind=sequential runs on one device: set mesh.devices=1")
-            states = sequential(step, params, z0, zhat)
-            return Solution(states, jnp.int32(0), jnp.bool_(True), jnp.float32(0.0), jnp.int32(Result.SUCCESS))
+            return exact(sequential(step, params, z0, zhat))
         if axis is None:
             return deer(step, params, z0, zhat, init=warm, throw=False, **solver_kw)
         return deer_shard(step, params, z0, zhat, init=warm, axis_name=axis, length=steps, **solver_kw)
