@@ -44,7 +44,7 @@ def main() -> int:
     print(f"""Ray cluster up: {args.nodes} nodes.  In another shell:
   export RAY_AUTH_TOKEN=$(cat {token_file})   # or the value you set
   ray job submit --address http://127.0.0.1:{args.dashboard_port} -- python launch/train.py \\
-      configs/lorenz63.yaml run.dir=$PWD/runs/l63-2hosts --hosts 2 --devices-per-host 1
+      configs/lorenz63.yaml run.dir=$PWD/runs/l63-2hosts --hosts 2 --devices-per-host 2
   RAY_ADDRESS={cluster.address} python launch/train.py ...      # or drive it directly
 Type a node number (1..{args.nodes}) and Enter to remove that node; Ctrl-C to stop.""", flush=True)
     try:

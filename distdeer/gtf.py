@@ -79,14 +79,40 @@ def forced_step(F: Callable, alpha, forced=None, *, latent: int | None = None, j
     return ForcedStep(F, alpha, forced_mask(forced, latent), jac, jac_diag)
 
 
+# jaxlib's CPU LAPACK kernels (0.10.2 and 0.11.0, ``ParallelBatchMap``) cut a batch whose estimated cost reaches 2·10^5 FLOP (SVD:
+# 10·m·n·min(m, n) per matrix) into chunks that they queue on XLA's intra-op thread pool, then block their
+# own thread until the chunks are done.  When the call itself runs on a pool thread (as it does after a
+# while loop that used the pool, e.g. the Newton loop) and every pool thread holds such a call (one per
+# simulated device of a process, as many devices as cores), nothing is left to run the chunks and the step
+# hangs forever: 2 processes × 2 CPU devices on a 2-core machine at T = 2·10^4.  On CPU the norms are
+# therefore taken in batches of half that cost, which the kernel runs inline on its own thread.  Without
+# distdeer: docs/repro/lapack_pool_deadlock.py.
+_LAPACK_SPLIT_FLOP = 200_000
+
+
+def spectral_norms(mats: jax.Array) -> jax.Array:
+    """``‖A_k‖₂`` (largest singular value) of a batch ``mats`` (K, m, n) → (K,).
+
+    One batched SVD on accelerators; on CPU a ``lax.map`` over batches small enough that jaxlib never hands
+    part of one to its thread pool (see ``_LAPACK_SPLIT_FLOP``), with the same result.
+    """
+    K, m, n = mats.shape
+    one = lambda a: jnp.linalg.norm(a, 2)  # noqa: E731
+    chunk = max(1, _LAPACK_SPLIT_FLOP // (2 * 10 * m * n * min(m, n)))
+
+    def cpu(a):
+        return jax.vmap(one)(a) if K <= chunk else lax.map(one, a, batch_size=chunk)
+
+    return lax.platform_dependent(mats, cpu=cpu, default=jax.vmap(one))
+
+
 def jacobian_norm(jac: Callable, params, states: jax.Array, *, kind: str = "geometric") -> jax.Array:
     """Estimate 𝒩 of the Jacobian norm along a (forced) trajectory ``states`` (T, M).
 
     ``kind="geometric"`` (default; the product upper bound): ``exp(mean_t log ‖J(z_t)‖₂)``, the growth
     rate per step that bounds ``‖J_T ⋯ J_1‖``; ``"mean"``: arithmetic mean of ``‖J(z_t)‖₂``.
     """
-    norms = jax.vmap(lambda z: jnp.linalg.norm(jac(params, z), 2))(states)
-    return reduce_norms(norms, kind)
+    return reduce_norms(spectral_norms(jax.vmap(lambda z: jac(params, z))(states)), kind)
 
 
 def reduce_norms(norms: jax.Array, kind: str) -> jax.Array:

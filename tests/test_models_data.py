@@ -1,6 +1,7 @@
 """Models (Jacobians vs autodiff, readout inversion), GTF α rule, generators and the zarr store."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,22 @@ def test_alpha_rule_and_norm_estimates():
     # batch maximum takes the larger of two sequences' geometric means: mix via a per-batch model is
     # not expressible with shared params, so check the reduction on identical sequences
     np.testing.assert_allclose(jacobian_norm(model, params2, both, "max", 100), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("K,m", [(5, 3), (2000, 3), (371, 3), (50, 16), (7, 40)])
+def test_spectral_norms_match_numpy_and_stay_below_lapack_split_on_cpu(K, m):
+    """‖A_k‖₂ as numpy's SVD gives it, and on CPU no LAPACK call in the compiled program is big enough for
+    jaxlib to hand chunks of it to the thread pool it runs on (cost 10·m³ per matrix reaching 2·10^5 FLOP):
+    such calls, one per simulated device, deadlocked 2 processes × 2 CPU devices at T = 2·10^4."""
+    a = jax.random.normal(jax.random.PRNGKey(K), (K, m, m))
+    ref = np.linalg.norm(np.asarray(a, np.float64), 2, axis=(1, 2))
+    np.testing.assert_allclose(jax.jit(gtf.spectral_norms)(a), ref, rtol=2e-6)
+    hlo = jax.jit(gtf.spectral_norms).lower(a).compile().as_text()
+    calls = [line for line in hlo.splitlines() if "lapack_sgesdd" in line]
+    assert calls, "no SVD call found"
+    for line in calls:
+        batch = int(re.search(r"f32\[(\d+),%d,%d\]" % (m, m), line).group(1))
+        assert batch * 10 * m ** 3 < 200_000 or batch == 1, line[:200]
 
 
 @pytest.mark.parametrize("system,dim", [("lorenz63", 3), ("rossler", 3), ("lorenz96", 6), ("slowfast", 3)])

@@ -53,3 +53,17 @@ def test_two_processes_match_one(tmp_path):
                 g = got[f"{jacobian}/g{i}"]
                 assert np.max(np.abs(g - g1)) <= 1e-4 * (np.max(np.abs(g1)) + 1e-12)
                 assert np.max(np.abs(g - g2)) <= 1e-5 * (np.max(np.abs(g2)) + 1e-12)
+
+
+def test_two_processes_of_two_devices_train_like_one_device_at_T_2e4():
+    """2 processes × 2 simulated CPU devices, whole-series training at T = 2·10^4: the same losses as one
+    device.  This layout used to hang in its first step: each device's batched SVD (the Jacobian-norm
+    sample, 1 250 matrices per block) waited for chunks jaxlib had queued on the thread pool that every one
+    of them occupied (``gtf.spectral_norms``)."""
+    from distdeer.bench import train as bench
+
+    four = bench.in_processes(2, False, 20_000, 4, 3, 3, 8, [], False, timeout=300)
+    one = bench.sharded(20_000, 1, 3, 3, 8)
+    assert (four["devices"], four["processes"]) == (4, 2)
+    np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-5)
+    assert 0 < four["collective_bytes_per_step"] < 4096  # a few halos and sums, nothing of size T

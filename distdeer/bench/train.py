@@ -179,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def in_processes(processes: int, pin: bool, T: int, devices: int, steps: int, latent: int, hidden: int,
-                 overrides: list[str], compile_only: bool) -> dict:
+                 overrides: list[str], compile_only: bool, timeout: float | None = None) -> dict:
     """``sharded`` in ``processes`` ``jax.distributed`` processes on this machine (devices / processes
-    simulated CPU devices each; ``pin``: process r on CPU core r), as a multi-host run would be."""
+    simulated CPU devices each; ``pin``: process r on CPU core r), as a multi-host run would be.
+    ``timeout`` (seconds): the processes are killed and ``TimeoutError`` raised when they take longer."""
     import json
     import os
     import socket
@@ -205,7 +206,14 @@ def in_processes(processes: int, pin: bool, T: int, devices: int, steps: int, la
                    "--steps", str(steps), "--latent", str(latent), "--hidden", str(hidden), "--out", out]
             cmd += [f"--set={o}" for o in overrides] + (["--compile-only"] if compile_only else [])
             procs.append(subprocess.Popen((["taskset", "-c", str(r % os.cpu_count())] if pin else []) + cmd, env=env))
-        codes = [p.wait() for p in procs]
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            codes = [p.wait(None if deadline is None else max(0.0, deadline - time.monotonic())) for p in procs]
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"benchmark processes still running after {timeout:g} s") from None
+        finally:
+            for p in procs:
+                p.kill()
         if any(codes):
             raise RuntimeError(f"benchmark processes exited with {codes}")
         with open(out) as f:

@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from distdeer import mesh as mesh_mod
 from distdeer.config import Config
-from distdeer.gtf import AlphaInParams, ForcedStep, reduce_norms
+from distdeer.gtf import AlphaInParams, ForcedStep, reduce_norms, spectral_norms
 from distdeer.mesh import WholeSeries
 from distdeer.models import Model
 from distdeer.solver import Solution, deer_batch, sequential
@@ -206,7 +206,7 @@ def jacobian_norm(model: Model, params, zt: jax.Array, kind: str, sample: int) -
     of per-sequence geometric means."""
     stride = max(1, zt.shape[-2] // sample)
     z = zt[..., ::stride, :]
-    norms = jnp.linalg.norm(jax.vmap(lambda v: model.jac(params["F"], v))(z.reshape(-1, z.shape[-1])), 2, axis=(1, 2))
+    norms = spectral_norms(jax.vmap(lambda v: model.jac(params["F"], v))(z.reshape(-1, z.shape[-1])))
     return reduce_norms(norms.reshape(z.shape[:-1]), kind)
 
 

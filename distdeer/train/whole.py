@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from distdeer.gtf import AlphaInParams
+from distdeer.gtf import AlphaInParams, spectral_norms
 from distdeer.models import Model
 from distdeer.solver import Result, Solution, deer, deer_shard, sequential
 from distdeer.solver.newton import from_left
@@ -85,7 +85,7 @@ def norm_sums(jac, F_params, zt: jax.Array, index: jax.Array, steps: int, sample
     pos = first + stride * jnp.arange(-(-n // stride))
     keep = (pos < n) & (index[0] + pos < steps)
     z = zt[jnp.minimum(pos, n - 1)]
-    norms = jnp.linalg.norm(jax.vmap(lambda v: jac(F_params, v))(z), 2, axis=(1, 2))
+    norms = spectral_norms(jax.vmap(lambda v: jac(F_params, v))(z))
     sums = jnp.stack([jnp.sum(jnp.where(keep, jnp.log(jnp.maximum(norms, 1e-30)), 0.0)),
                       jnp.sum(jnp.where(keep, norms, 0.0)), jnp.sum(keep).astype(norms.dtype)])
     return _psum(sums, axis)
