@@ -42,9 +42,11 @@ def main() -> int:
     nodes = [cluster.add_node(num_cpus=args.cpus_per_node) for _ in range(args.nodes)]
     cluster.wait_for_nodes()
     print(f"""Ray cluster up: {args.nodes} nodes.  In another shell:
-  export RAY_AUTH_TOKEN=$(cat {token_file})   # or the value you set
-  ray job submit --address http://127.0.0.1:{args.dashboard_port} -- python launch/train.py \\
-      configs/lorenz63.yaml run.dir=$PWD/runs/l63-2hosts --hosts 2 --devices-per-host 2
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(cat {token_file})   # or the token you set
+  ray job submit --address http://127.0.0.1:{args.dashboard_port} --submission-id l63-a --no-wait \\
+      --runtime-env-json '{{"env_vars": {{"RAY_JOB_STOP_WAIT_TIME_S": "600"}}}}' -- python $PWD/launch/train.py \\
+      $PWD/configs/lorenz63.yaml run.dir=$PWD/runs/l63-2hosts --hosts 2 --devices-per-host 2
+  (docs/cluster.md: logs, stop, resume)
   RAY_ADDRESS={cluster.address} python launch/train.py ...      # or drive it directly
 Type a node number (1..{args.nodes}) and Enter to remove that node; Ctrl-C to stop.""", flush=True)
     try:

@@ -9,9 +9,9 @@ cluster: one process per node, owning that node's GPUs) → one ``HostWorker`` a
 0 names the coordinator (its node IP and a free port) → every rank calls ``jax.distributed.initialize``
 concurrently and then runs ``distdeer.train.loop.run`` — the same program as ``distdeer train``.
 
-Failure handling (a JAX process group cannot lose a member, DESIGN §4): any worker error, a dead actor
-or node, or a rank whose last step is older than ``ray.watchdog_s`` (``ray.startup_s`` before the
-attempt's first step) ends the attempt; every actor is killed, the placement group removed, and a new
+Failure handling (a JAX process group cannot lose a member, design §4): any worker error, a dead actor
+or node, or a rank whose last step is older than ``ray.watchdog_s`` (also a rank that has compiled its
+step but not completed the first one; ``ray.startup_s`` before that: ``overdue``) ends the attempt; every actor is killed, the placement group removed, and a new
 attempt starts fresh processes with a new coordinator port, which restore the latest complete
 checkpoint.  After ``ray.max_failures`` restarts the job fails with the cause.  Bad input (config,
 data, checkpoint) is never retried.  SIGTERM to the driver (``ray job stop``) asks every rank to stop at
@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -97,14 +98,17 @@ class HostWorker:
                 "last": summary["last"], "devices": devices,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
-    def measure(self, coordinator: str, hosts: int, rank: int, timeout_s: int, point: dict) -> dict | None:
-        """One row of a scaling study (``launch/scaling.py --ray``): rank 0 returns it, the others None."""
-        from distdeer.bench import scaling
+    def call(self, target: str, *args, **kwargs):
+        """Run ``module:function`` (imported in this worker) with the arguments given; its result.  How
+        other tools use the group's processes (``launch/scaling.py --ray`` runs
+        ``distdeer.bench.scaling:measure_in_group`` on every host) without this module knowing them."""
+        import importlib
 
-        return scaling.measure_in_group(coordinator, hosts, rank, timeout_s, **point)
+        module, _, name = target.partition(":")
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
     def progress(self):
-        return self.control.progress() if self.control is not None else (None, None)
+        return self.control.progress() if self.control is not None else (None, "starting", 0.0)
 
     def stop(self) -> None:
         if self.control is not None:
@@ -311,8 +315,8 @@ class Supervisor:
 
     def _watch(self, number: int, actors: list, refs: list) -> Outcome:
         cfg = self.cfg
-        started = time.monotonic()
-        last_beat: list[float | None] = [None] * len(actors)  # driver clock of each rank's latest step
+        started = next_note = time.monotonic()
+        ranks = [Seen() for _ in actors]  # what the driver last heard from each rank
         first_step = None
         pending: dict = {}
         results: dict[int, dict] = {}
@@ -328,6 +332,7 @@ class Supervisor:
                 rank = refs.index(ref)
                 try:
                     results[rank] = ray.get(ref)
+                    ranks[rank] = ranks[rank]._replace(done=True)
                 except ray.exceptions.RayTaskError as e:
                     if isinstance(e.cause, FatalError):
                         return Outcome(False, str(e.cause), fatal=True)
@@ -349,24 +354,19 @@ class Supervisor:
                 if ref in answered:
                     del pending[rank]
                     try:
-                        step, age = ray.get(ref)
+                        step, phase, age = ray.get(ref)
                     except ray.exceptions.RayError:
                         continue  # the train ref reports the failure
-                    if step is not None:
-                        last_beat[rank] = now - age
-                        if first_step is None:
-                            first_step = step
-                            self._event(event="training", attempt=number, step=step)
-            for rank, beat in enumerate(last_beat):
-                if rank in results:
-                    continue
-                if beat is None and now - started > cfg.ray.startup_s:
-                    return Outcome(False, f"rank {rank} completed no step within ray.startup_s="
-                                          f"{cfg.ray.startup_s:g} s (watchdog)")
-                if beat is not None and now - beat > cfg.ray.watchdog_s:
-                    return Outcome(False, f"rank {rank} made no progress for {now - beat:.0f} s > "
-                                          f"ray.watchdog_s={cfg.ray.watchdog_s:g} s (hung collective or stalled "
-                                          "process; watchdog)")
+                    ranks[rank] = ranks[rank]._replace(step=step, phase=phase, since=now - age)
+                    if step is not None and first_step is None:
+                        first_step = step
+                        self._event(event="training", attempt=number, step=step)
+            cause = overdue(ranks, now - started, now, cfg.ray.startup_s, cfg.ray.watchdog_s)
+            if cause is not None:
+                return Outcome(False, cause)
+            if first_step is None and now >= next_note + WAITING_NOTE_S:
+                next_note = now
+                self.log(f"distdeer: no step yet after {now - started:.0f} s: " + waiting(ranks, now))
 
     # -- the job ------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -412,6 +412,44 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
+
+
+WAITING_NOTE_S = 60.0  # while an attempt has no step yet, say every minute where each rank is
+
+
+class Seen(typing.NamedTuple):
+    """What the supervisor last heard from one rank (``Control.progress``), on the driver's clock."""
+    step: int | None = None  # last completed step
+    phase: str = "not answering"  # starting, loading, compiling, first step, training
+    since: float | None = None  # when that phase began or that step completed (None: never answered)
+    done: bool = False  # the rank's training call returned
+
+
+def overdue(ranks: list[Seen], elapsed: float, now: float, startup_s: float, watchdog_s: float) -> str | None:
+    """Why the attempt must end, or None.  A rank that completed a step must complete the next within
+    ``watchdog_s``; so must a rank that has compiled its step and is running the first one (a hang there —
+    a collective or a kernel that never returns — is reported after ``watchdog_s``, not after the whole
+    start-up allowance); before that, the attempt's first ``startup_s`` cover placement, JAX start-up,
+    data loading and compilation."""
+    for rank, r in enumerate(ranks):
+        if r.done:
+            continue
+        if r.step is not None and now - r.since > watchdog_s:
+            return (f"rank {rank} made no progress for {now - r.since:.0f} s > ray.watchdog_s={watchdog_s:g} s "
+                    "(hung collective or stalled process; watchdog)")
+        if r.step is None and r.phase == "first step" and now - r.since > watchdog_s:
+            return (f"rank {rank} compiled its step {now - r.since:.0f} s ago and has not completed it: > "
+                    f"ray.watchdog_s={watchdog_s:g} s (hung collective or stalled process; watchdog)")
+        if r.step is None and elapsed > startup_s:
+            return (f"rank {rank} completed no step within ray.startup_s={startup_s:g} s (watchdog; last heard: "
+                    f"{r.phase})")
+    return None
+
+
+def waiting(ranks: list[Seen], now: float) -> str:
+    """Where each rank is, e.g. ``rank 0 first step for 65 s, rank 1 compiling for 80 s``."""
+    return ", ".join(f"rank {rank} {r.phase}" + ("" if r.since is None else f" for {now - r.since:.0f} s")
+                     for rank, r in enumerate(ranks))
 
 
 def _first_line(e: Exception) -> str:

@@ -6,7 +6,7 @@
 Each (hosts, devices, T) point runs in fresh processes on this machine: one process with ``devices``
 simulated CPU devices (``XLA_FLAGS``), or ``hosts`` real ``jax.distributed`` processes with
 ``devices/hosts`` devices each (localhost coordinator).  ``--pin`` pins process k to core k with
-``taskset`` (XLA's thread flags do not keep a CPU process on one core, DESIGN §4): use it for
+``taskset`` (XLA's thread flags do not keep a CPU process on one core, design §4): use it for
 process-count comparisons, and run nothing else meanwhile.  ``--mode weak`` scales T with the device
 count (T per device fixed); ``strong`` keeps T.
 
@@ -98,8 +98,8 @@ def run_point_ray(hosts: int, devices: int, T: int, args, out_dir: str) -> dict:
     point = dict(T=T, M=args.latent, L=args.hidden, jacobian=args.jacobian, repeats=args.repeats)
     try:
         with group.host_group(hosts, bundle, env, args.placement, args.timeout) as (actors, where, coordinator):
-            rows = ray.get([a.measure.remote(coordinator, hosts, r, args.timeout, point) for r, a in enumerate(actors)],
-                           timeout=args.timeout)
+            rows = ray.get([a.call.remote("distdeer.bench.scaling:measure_in_group", coordinator, hosts, r,
+                                          args.timeout, **point) for r, a in enumerate(actors)], timeout=args.timeout)
     except group.PlacementTimeout:
         raise RuntimeError(f"point hosts={hosts} devices={devices} T={T}: could not place {hosts} bundles of {bundle} "
                            f"({args.placement}) within {args.timeout} s") from None

@@ -273,6 +273,29 @@ def test_bad_input_exit_2_nothing_written(cluster, config_file, tmp_path):
     assert not run_dir.exists()
 
 
+def test_watchdog_verdicts_by_phase():
+    """The supervisor's rule (``group.overdue``): once a rank has compiled its step, the first step gets
+    ``watchdog_s`` like any other (a hang there is reported after 300 s, not after the 900 s start-up
+    allowance); before that ``startup_s`` counts from the attempt's start; finished ranks are left alone."""
+    from distdeer.group import Seen, overdue, waiting
+
+    now, startup, watchdog = 1000.0, 900.0, 300.0
+    compiling = Seen(None, "compiling", now - 800)
+    assert overdue([compiling, compiling], 850, now, startup, watchdog) is None
+    cause = overdue([compiling, Seen()], 901, now, startup, watchdog)
+    assert cause.startswith("rank 0 completed no step within ray.startup_s=900 s") and "compiling" in cause
+    first = Seen(None, "first step", now - 301)
+    cause = overdue([Seen(None, "first step", now - 299), first], 400, now, startup, watchdog)
+    assert cause.startswith("rank 1 compiled its step 301 s ago and has not completed it") and "watchdog" in cause
+    assert overdue([Seen(None, "first step", now - 299)] * 2, 400, now, startup, watchdog) is None
+    stuck = Seen(17, "training", now - 301)
+    assert overdue([Seen(20, "training", now - 1), stuck], 5000, now, startup, watchdog).startswith(
+        "rank 1 made no progress for 301 s > ray.watchdog_s=300 s")
+    assert overdue([stuck._replace(done=True), Seen(60, "training", now)], 5000, now, startup, watchdog) is None
+    assert waiting([first, compiling, Seen()], now) == ("rank 0 first step for 301 s, rank 1 compiling for 800 s, "
+                                                        "rank 2 not answering")
+
+
 def test_ray_job_submit_with_token_auth(cluster, config_file, baseline, tmp_path):
     run_dir = str(tmp_path / "job")
     address = "http://" + cluster.head_node.address_info["webui_url"].removeprefix("http://")

@@ -119,11 +119,15 @@ def _cut_metrics(path: str, step: int) -> None:
 class Control:
     """A handle on a running loop, safe to use from another thread (a launcher's supervisor) or a
     signal handler: ``stop()`` asks for a checkpoint and a clean exit at the next step boundary;
-    ``progress()`` gives the last completed step and the seconds since (the launcher's watchdog)."""
+    ``progress()`` says how far the loop is, for the launcher's watchdog: ``(step, phase, seconds)`` —
+    the last completed step (None before the first), the phase (``starting`` → ``loading`` →
+    ``compiling`` → ``first step`` → ``training``) and the seconds since the phase began or the last
+    step completed."""
 
     def __init__(self):
         self._stop = threading.Event()
         self._step: int | None = None
+        self._phase = "starting"
         self._time = time.monotonic()
 
     def stop(self, *_) -> None:
@@ -133,11 +137,14 @@ class Control:
     def stop_requested(self) -> bool:
         return self._stop.is_set()
 
-    def beat(self, step: int) -> None:
-        self._step, self._time = step, time.monotonic()
+    def mark(self, phase: str) -> None:
+        self._phase, self._time = phase, time.monotonic()
 
-    def progress(self) -> tuple[int | None, float]:
-        return self._step, time.monotonic() - self._time
+    def beat(self, step: int) -> None:
+        self._step, self._phase, self._time = step, "training", time.monotonic()
+
+    def progress(self) -> tuple[int | None, str, float]:
+        return self._step, self._phase, time.monotonic() - self._time
 
 
 @contextlib.contextmanager
@@ -219,10 +226,17 @@ def compile_step(model: Model, cfg: Config, mode, mesh, state: TrainState, data)
               "out_shardings": (rest._replace(mode_state=own), mesh_mod.replicated(mesh))}
     jitted = jax.jit(lambda own, rest, d: fn(rest._replace(mode_state=own), d), donate_argnums=0, **kw)
 
-    def run_step(state, data):
-        return jitted(state.mode_state, state._replace(mode_state=None), data)
+    compiled = None
 
-    run_step.jitted = jitted
+    def run_step(state, data):
+        return (compiled or jitted)(state.mode_state, state._replace(mode_state=None), data)
+
+    def compile(state, data):
+        """Compile now, for these arguments (the loop reports compilation apart from the first step)."""
+        nonlocal compiled
+        compiled = jitted.lower(state.mode_state, state._replace(mode_state=None), data).compile()
+
+    run_step.jitted, run_step.compile = jitted, compile
     return run_step
 
 
@@ -239,6 +253,7 @@ def run(cfg: Config, control: Control | None = None) -> dict:
     alone writes the plain files; checkpoints are collective (Orbax)."""
     enable_compilation_cache()
     control = control or Control()
+    control.mark("loading")
     primary = distributed.is_primary()
     source, model, _ = prepare(cfg)
     R = source.shape[0]
@@ -261,10 +276,15 @@ def run(cfg: Config, control: Control | None = None) -> dict:
                                              "that differs from the one saved (state_sha256 mismatch)")
         if primary:
             _cut_metrics(metrics_path, latest)
+            print(f"distdeer: resuming {run_dir} from its checkpoint at step {latest}", flush=True)
     elif primary and os.path.exists(metrics_path):
         os.remove(metrics_path)
     start = int(state.step)
+    control.mark("compiling")
     train_step = compile_step(model, cfg, mode, mesh, state, data)
+    if start < cfg.train.steps:
+        train_step.compile(state, data)
+    control.mark("first step")
     skip_budget = int(cfg.train.max_skipped * cfg.train.steps)
     total = cfg.train.steps
     bar, show = _progress(total, start, quiet=not primary)
