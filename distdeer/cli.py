@@ -46,6 +46,7 @@ def _positive(name):
 
 def build_parser() -> argparse.ArgumentParser:
     from distdeer.config import CHOICES
+    from distdeer.data import reference
 
     parser = _Parser(prog="distdeer", description="GTF-DEER: recurrent models trained in parallel over time.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -102,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp = dsub.add_parser("import", help="validate and store a .npy/.csv series")
     imp.add_argument("file")
     imp.add_argument("--out", required=True, help="PATH.zarr")
+    fe = dsub.add_parser("fetch", help="download a reference benchmark series (checked by sha256); configs "
+                                       "then name its files ref:FILE")
+    fe.add_argument("series", choices=sorted(reference.SERIES))
+    fe.add_argument("--dir", default=None, help="data directory (default: $DISTDEER_DATA, else "
+                                                "~/.cache/distdeer/data)")
     bt = which.add_parser("train", help="training step: GTF-DEER vs GTF-BPTT (one device), or with --devices the "
                           "whole-series step as training compiles it (collective bytes, memory, step time)")
     bt.add_argument("--T", type=_positive("--T"), default=100_000)
@@ -301,11 +307,25 @@ def _inspect(args) -> int:
     return 0
 
 
+def _fetch(args) -> int:
+    from distdeer.data import reference
+
+    try:
+        paths = reference.fetch(args.series, args.dir)
+    except _user_errors() as e:
+        raise UsageError(str(e)) from None
+    for f, path in zip(reference.SERIES[args.series], paths):
+        print(f"distdeer: {path}  ({f.what}; name it ref:{f.name})")
+    return 0
+
+
 def _data(args) -> int:
     import numpy as np
 
     from distdeer.data import store, systems
 
+    if args.data == "fetch":
+        return _fetch(args)
     if os.path.exists(args.out):
         raise UsageError(f"--out {args.out} already exists")
     parent = os.path.dirname(os.path.abspath(args.out))

@@ -37,7 +37,7 @@ Selection = Literal["latest", "train"]
 
 @dataclasses.dataclass
 class RunConfig:
-    dir: str = "runs/lorenz63"
+    dir: str = "runs/lorenz63"  # run directory: config.yaml, checkpoints, metrics.jsonl, events.jsonl, eval.json
 
 
 GENERATOR_DT = 0.01  # integration step of the built-in systems unless data.dt says otherwise
@@ -45,20 +45,20 @@ GENERATOR_DT = 0.01  # integration step of the built-in systems unless data.dt s
 
 @dataclasses.dataclass
 class DataConfig:
-    path: str | None = None  # .zarr or .npy; None: generate `system` in memory
+    path: str | None = None  # .zarr, .npy or .csv; ref:FILE a fetched reference series; None: generate `system`
     system: System = "lorenz63"  # generator used when path is None
-    steps: int = 100_000
+    steps: int = 100_000  # rows of a generated series (T + 1: x_0 … x_T)
     # Sampling interval in time units per step. None: GENERATOR_DT for a generated system, else the
     # series' own `dt` attribute (files written by `distdeer data generate`), else unknown — then the
     # model's Lyapunov exponent is reported per step only.
     dt: float | None = None
-    noise: float = 0.05
-    seed: int = 0
+    noise: float = 0.05  # observation noise of a generated series, fraction of each dimension's std
+    seed: int = 0  # seed of a generated series
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    kind: ModelKind = "clipped_shplrnn"
+    kind: ModelKind = "clipped_shplrnn"  # the latent map F (design §2.1)
     latent: int = 3  # M
     hidden: int = 50  # L (shPLRNN family)
     nonlinear: int = 2  # P (ALRNN): units passed through the ReLU
@@ -71,7 +71,7 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class GTFConfig:
-    mode: GTFMode = "adaptive"
+    mode: GTFMode = "adaptive"  # adaptive: α = max(0, 1 − 1/𝒩) re-estimated (design §2.2); constant: α fixed
     alpha: float = 1.0  # constant α, or the starting α of the adaptive schedule
     # max: per window the geometric mean of ‖J_t‖ over time, then the maximum over the batch (the reference
     # "product upper bound"); geometric: one geometric mean over every forced state of the step (the same
@@ -85,23 +85,23 @@ class GTFConfig:
 @dataclasses.dataclass
 class SolverConfig:
     kind: SolverKind = "deer"  # deer (GTF-DEER) or sequential (GTF-BPTT through lax.scan: the baseline)
-    jacobian: Jacobian = "dense"
-    max_iter: int = 50
+    jacobian: Jacobian = "dense"  # dense: Newton (O(M³) per step); diagonal: quasi-DEER (O(M) per step)
+    max_iter: int = 50  # Newton iterations per solve before it counts as failed
     fallback: bool = True  # finish a failed Newton solve sequentially (exact) instead of skipping the step
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 2000
+    steps: int = 2000  # parameter updates
     seq_len: int | None = None  # None: the whole series (sharded over "time"); else windows of this length
     batch: int = 16  # windows per step (window mode)
     carry: bool = False  # window mode: streams of consecutive windows, each starting from the last one's end state
     noise: float = 0.0  # sd of Gaussian noise on the forcing observations (standardised units); targets stay clean
-    lr: float = 1e-3
+    lr: float = 1e-3  # RAdam learning rate at the start
     lr_end: float = 1e-6  # exponential decay from lr to lr_end over `steps`
     clip: float = 10.0  # global-norm clipping; 0 disables
-    lambda_lat: float = 1e-5
-    log_every: int = 10
+    lambda_lat: float = 1e-5  # weight of the latent regulariser λ (‖1 − a‖² + Σ ‖weights‖²)
+    log_every: int = 10  # steps between rows of metrics.jsonl
     # updates skipped (failed Newton solve or non-finite gradient) that a run tolerates, as a fraction of
     # `steps`; past it the run saves and stops with exit 1 (checked every log_every steps)
     max_skipped: float = 0.05
@@ -109,8 +109,8 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    every: int = 200
-    keep: int = 3
+    every: int = 200  # steps between checkpoints (and one at the end or on a signal)
+    keep: int = 3  # complete checkpoints retained
     dir: str | None = None  # None: RUN_DIR/checkpoints; multi-host: a path every host sees (or gs://, s3://)
 
 
@@ -126,8 +126,8 @@ class RayConfig:
     """Used by launch/train.py only (not part of a run's identity)."""
 
     max_failures: int = 3  # group restarts after worker failures before the job fails
-    watchdog_s: float = 300.0  # a step that takes longer than this on any rank is a failure (hang)
-    startup_s: float = 900.0  # allowance for placing the group, starting JAX and the first step (compile)
+    watchdog_s: float = 300.0  # a step (the first one too, once compiled) longer than this on any rank is a hang
+    startup_s: float = 900.0  # allowance for placing the group, starting JAX, loading data and compiling
     placement: Placement = "STRICT_SPREAD"  # one process per node; PACK to let a small cluster share nodes
     cpus_per_host: float = 1.0  # CPUs reserved per worker process
     # refuse at launch a group the cluster's live nodes can never hold (false on an autoscaling cluster)
@@ -149,7 +149,7 @@ class EvalConfig:
 @dataclasses.dataclass
 class Config:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    seed: int = 0
+    seed: int = 0  # parameter initialisation and every training random draw (with the step)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     gtf: GTFConfig = dataclasses.field(default_factory=GTFConfig)

@@ -3,7 +3,7 @@ the training loop needs outside its jitted step.
 
 ``initialize`` must run before any other JAX call of the process and only once per process (a JAX
 process group cannot lose a member and cannot be re-joined: a launcher recovers by starting fresh
-processes, DESIGN §4).
+processes, design §4).
 """
 
 from __future__ import annotations

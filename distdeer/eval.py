@@ -1,4 +1,4 @@
-"""``distdeer eval``: the reference DSR protocol on a trained run (DESIGN §5).
+"""``distdeer eval``: the reference DSR protocol on a trained run (design §5).
 
 Protocol: from the first test point the model runs freely for 1.25·T_test steps; the first 0.25·T_test
 are dropped, so the compared generated series has exactly the test series' length.  Measures: D_stsp
@@ -29,7 +29,7 @@ import numpy as np
 from distdeer import config as config_mod
 from distdeer import files
 from distdeer import metrics, plots
-from distdeer.data import loader, store, systems
+from distdeer.data import loader, reference, store, systems
 from distdeer.models import Model
 from distdeer.precision import float32_matmuls
 from distdeer.solver import sequential
@@ -98,10 +98,12 @@ def test_series(cfg, norm: dict, path: str | None) -> tuple[np.ndarray, str, str
                          np.float64)
         source = f"generated:{cfg.data.system}:seed{cfg.data.seed + 1000}"
     else:
+        named = path
+        path = reference.resolve(path)
         if not os.path.exists(path):
             raise EvalError(f"test data {path} not found")
         raw = store.read_data_units(path)
-        source = os.path.realpath(path)
+        source = named if named.startswith(reference.PREFIX) else os.path.realpath(path)
     if raw.shape[1] != len(mean):
         raise EvalError(f"test data has {raw.shape[1]} dimensions, the model observes {len(mean)}")
     return ((raw - mean) / std).astype(np.float32), source, content_digest(raw)
@@ -158,7 +160,7 @@ def _series_attributes(cfg) -> dict:
     if cfg.data.path is None:
         return {}
     try:
-        return store.attributes(store.open_series(cfg.data.path))
+        return store.attributes(store.open_series(reference.resolve(cfg.data.path)))
     except store.DataError:
         return {}
 

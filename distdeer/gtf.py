@@ -4,7 +4,7 @@ With forcing states ``ẑ_t`` (the data mapped into state space) and the project
 units (a 0/1 mask ``p``), training runs ``z_t = F(z̃_{t-1})`` with ``z̃ = z − α p ⊙ (z − ẑ)``.  In the
 solver's convention the forced step is ``f(params, z_{t-1}, ẑ_{t-1})``: its input at step t is the
 *previous* forcing state, so GTF-DEER is ``deer(forced_step(F, α, p), params, z0, zhat[:-1])``.
-Its Jacobian is ``J_F(z̃)(I − αP)``: α shrinks every linear map of the Newton step (DESIGN §2.2).
+Its Jacobian is ``J_F(z̃)(I − αP)``: α shrinks every linear map of the Newton step (design §2.2).
 """
 
 from __future__ import annotations

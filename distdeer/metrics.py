@@ -1,4 +1,4 @@
-"""Dynamical-systems-reconstruction measures, exactly the GTF reference definitions (DESIGN §5).
+"""Dynamical-systems-reconstruction measures, exactly the GTF reference definitions (design §5).
 
 * ``state_space_divergence`` (D_stsp, binning; for N < 6): KL(p_true ‖ p_gen) of Laplace-smoothed
   histograms on the true data's box.
@@ -81,7 +81,7 @@ def smoothed_spectra(x, sigma: float = 20.0) -> np.ndarray:
 
     A constant dimension (a model that settled exactly on a fixed point) cannot be z-scored; it gets the
     flat spectrum, the limit of vanishing white noise around the point, so that a fixed point scores the
-    reference floor (Lorenz-63 vs a fixed point: D_H 0.876; DESIGN quotes 0.877) instead of NaN."""
+    reference floor (Lorenz-63 vs a fixed point: D_H 0.876; design §5 quotes 0.877) instead of NaN."""
     x = np.asarray(x, np.float64)
     std = x.std(0)
     constant = std == 0

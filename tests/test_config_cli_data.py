@@ -66,3 +66,22 @@ def test_data_generate_and_import(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "NaN/inf" in err and err.count("\n") == 1
     assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_config_reference_is_current():
+    """docs/config.md is generated from the config dataclasses; regenerate it when a key changes."""
+    from distdeer import config_reference
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "config.md")
+    with open(path) as f:
+        assert f.read() == config_reference.markdown(), "run: python -m distdeer.config_reference > docs/config.md"
+    keys = [line.split("`")[1] for line in config_reference.markdown().splitlines() if line.startswith("| `")]
+    flat = []
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.append(prefix + k)
+
+    from distdeer.config import Config, to_dict
+    walk(to_dict(Config()))
+    assert keys == flat  # every key, once, in the dataclasses' order

@@ -1,13 +1,18 @@
 """DSR measures: exact reference definitions, checked on hand-computable cases and the published floors."""
 
-import os
-
 import numpy as np
 import pytest
 
 from distdeer import metrics
+from distdeer.data import reference
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+def reference_series(*names: str) -> list[np.ndarray]:
+    """Fetched reference files (``distdeer data fetch``); the test skips, naming the command, without them."""
+    missing = [n for n in names if reference.local(n) is None]
+    if missing:
+        pytest.skip(f"reference series not in {reference.data_dir()}: run `{reference.fetch_command(missing[0])}`")
+    return [np.load(reference.local(n)) for n in names]
 
 
 def test_identical_series():
@@ -97,20 +102,19 @@ def test_prediction_error_of_an_exact_model():
     assert metrics.prediction_error(lambda x0, n: x0, x, n=5) == 25.0
 
 
-@pytest.mark.skipif(not os.path.isdir(DATA), reason="reference benchmark data ../shared/data not present")
 @pytest.mark.parametrize("name,dstsp,dh", [("lorenz63", 0.119, 0.070), ("ECG", 0.294, 0.060),
                                            ("fixed point", 16.4, 0.877)])
 def test_reference_floors(name, dstsp, dh):
     """The floors measured with the reference definitions: test vs (noisy) train; Lorenz-63 test vs a
-    model that sits on a point (its first test point: 16.44 / 0.8761 — DESIGN quotes 16.4 / 0.877, whose
+    model that sits on a point (its first test point: 16.44 / 0.8761 — design §5 quotes 16.4 / 0.877, whose
     point is not stated; any exactly constant series has the same, flat, spectrum)."""
     if name == "lorenz63":
-        train, test = np.load(f"{DATA}/lorenz63_on0.05_train.npy"), np.load(f"{DATA}/lorenz63_test.npy")
+        train, test = reference_series("lorenz63_on0.05_train.npy", "lorenz63_test.npy")
     elif name == "fixed point":
-        test = np.load(f"{DATA}/lorenz63_test.npy")
+        (test,) = reference_series("lorenz63_test.npy")
         train = np.repeat(test[:1], len(test), axis=0)
     else:
-        train, test = np.load(f"{DATA}/ECG_pecuzal_5d_train.npy"), np.load(f"{DATA}/ECG_pecuzal_5d_test.npy")
+        train, test = reference_series("ECG_pecuzal_5d_train.npy", "ECG_pecuzal_5d_test.npy")
     if name == "fixed point":
         assert abs(metrics.state_space_divergence(test, train) - dstsp) < 0.05
         assert abs(metrics.power_spectrum_distance(test, train) - dh) < 2e-3

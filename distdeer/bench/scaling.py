@@ -5,7 +5,7 @@ device count.  The totals come from ``distdeer.bench.solver.run`` (forward, valu
 iterations, BPTT on one device).  The breakdown of one Newton iteration is measured piece by piece on
 the slice one device owns (``n = ⌈T/P⌉`` steps), each piece jitted and timed alone:
 
-* ``jacobian_s``: the step and its Jacobians at n states (``_steps`` + ``_jacobians``);
+* ``jacobian_s``: the step and its Jacobians at n states (``newton.steps`` + ``newton.jacobians``);
 * ``local_scan_s``: the local scan of n affine maps (``scan.local_pass`` + ``finish``);
 * ``cross_device_s``: the collectives of one iteration on the real mesh — halo ``ppermute`` of one
   state, all-gather of the P slice summaries (M² + M values each), the ``pmax`` of the stop test —
@@ -74,7 +74,7 @@ def breakdown(T: int, M: int, L: int, jacobian: str, repeats: int = 3) -> dict:
     params = jax.device_put(params, local)
 
     def jac_eval(p, z, x):
-        return newton._steps(dyn, p, z, x), newton._jacobians(dyn, diagonal, p, z, x)
+        return newton.steps(dyn, p, z, x), newton.jacobians(dyn, diagonal, p, z, x)
 
     jac_fn = jax.jit(jac_eval)
     f, A = jac_fn(params, zprev, xs)

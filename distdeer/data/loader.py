@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from distdeer.config import Config
-from distdeer.data import store, systems
+from distdeer.data import reference, store, systems
 
 
 @dataclasses.dataclass
@@ -38,7 +38,7 @@ def _in_memory(x: np.ndarray, info: dict) -> Source:
 
 def open_source(cfg: Config) -> Source:
     """The configured series; raises ``store.DataError`` on unusable data."""
-    path = cfg.data.path
+    path = reference.resolve(cfg.data.path)
     if path is None:
         raw = np.asarray(systems.generate(cfg.data.system, cfg.data.steps, cfg.data.dt, cfg.data.noise,
                                           cfg.data.seed), np.float64)

@@ -1,6 +1,6 @@
 """Trajectories on disk: tensorstore zarr v3 arrays (time × dimension) with their normalisation.
 
-Written with explicit codecs and a time chunk (unchunked writes were ~100× slower, DESIGN §4); the
+Written with explicit codecs and a time chunk (unchunked writes were ~100× slower, design §4); the
 mean and standard deviation used to standardise the series are kept in the array's attributes so
 results can be shown in data units.  Readers ask for a time slice and read only the chunks it touches.
 """

@@ -1,6 +1,6 @@
 """A latent model with its readout, as configured: ``z_t = F_θ(z_{t-1})``, ``x̂_t = G(z_t)``.
 
-Parameters are ``{"F": <model map params>, "readout": <readout params>}``.  Readouts (DESIGN §2.2):
+Parameters are ``{"F": <model map params>, "readout": <readout params>}``.  Readouts (design §2.2):
 
 * ``identity``: ``x̂ = z[:N]``; forcing ``ẑ_t = [x_t; 0]`` on the first N units only; initial state
   ``z_0 = [x_0; L x_0]`` with a learned ``L`` ((M−N) × N) for the unobserved units.

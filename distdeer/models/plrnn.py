@@ -1,4 +1,4 @@
-"""Piecewise-linear RNNs of the Durstewitz-lab family with closed-form Jacobians (DESIGN §2.1).
+"""Piecewise-linear RNNs of the Durstewitz-lab family with closed-form Jacobians (design §2.1).
 
 Parameters are dicts of arrays; every map is ``F(params, z) -> z`` on one unbatched state ``z``
 of shape ``(M,)`` with hidden width ``L``.  Jacobians are exact inside each ReLU region, so Newton's

@@ -1,4 +1,4 @@
-"""DEER Newton iterations on one time slice and their implicit adjoint (DESIGN §2.3–2.5).
+"""DEER Newton iterations on one time slice and their implicit adjoint (design §2.3–2.5).
 
 Everything here is written from the point of view of one device holding ``n`` consecutive steps of
 a (padded) sequence.  With ``opts.axis_name = None`` the slice is the whole sequence; otherwise the
@@ -54,19 +54,20 @@ class Dynamics(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """Static solver settings (hashable: they select the compiled program)."""
+    """Static solver settings (hashable: they select the compiled program).  No defaults here: the public
+    API (``api.options``) fills every field, from its own defaults and the backend's."""
 
     length: int  # valid global steps T; the rest of the slices is padding
-    jacobian: str = "dense"
-    max_iter: int = 50
-    atol: float = 1e-5
-    rtol: float = 1e-5
-    method: str = "blocked"
-    block: int | None = None
-    axis_name: Any = None  # mesh axis sharding time, or None
-    sync_axes: tuple = ()  # every manual mesh axis: loops run in lockstep over all of them
-    fallback: bool = False
-    adjoint_max_iter: int = 200  # diagonal mode only: iterations of the matrix-free adjoint
+    jacobian: str  # "dense" or "diagonal"
+    max_iter: int
+    atol: float
+    rtol: float
+    method: str  # local scan: "blocked" or "associative" (scan.METHODS)
+    block: int | None  # block length of the blocked scan; None: ≈ √n
+    axis_name: Any  # mesh axis sharding time, or None
+    sync_axes: tuple  # every manual mesh axis: loops run in lockstep over all of them
+    fallback: bool
+    adjoint_max_iter: int  # diagonal mode only: iterations of the matrix-free adjoint
 
     @property
     def diagonal(self) -> bool:
@@ -101,11 +102,13 @@ def _previous(Z, z0, axis_name):
     return jnp.concatenate([from_left(Z[-1], z0, axis_name)[None], Z[:-1]])
 
 
-def _steps(dyn: Dynamics, params, zprev, xs):
+def steps(dyn: Dynamics, params, zprev, xs):
+    """``f_t(z_{t-1})`` for every step of a slice (n, M).  Public with ``jacobians``: benchmarks time the
+    per-iteration work of the Newton loop through these two."""
     return jax.vmap(dyn.step, in_axes=(None, 0, 0))(params, zprev, xs)
 
 
-def _jacobians(dyn: Dynamics, diagonal: bool, params, zprev, xs):
+def jacobians(dyn: Dynamics, diagonal: bool, params, zprev, xs):
     """``A_t = ∂step/∂z (z_{t-1})``: (n, M, M) dense or (n, M) diagonal; analytic when supplied."""
     if diagonal:
         if dyn.jac_diag is not None:
@@ -170,7 +173,7 @@ def _newton(dyn: Dynamics, opts: Options, params, z0, xs, init):
         return _max_over_slice(_excess(Z, f, opts), valid, time, -jnp.inf)
 
     def newton_step(Z, zprev, f):
-        A = _jacobians(dyn, diagonal, params, zprev, xs)
+        A = jacobians(dyn, diagonal, params, zprev, xs)
         b = f - scan.apply(A, zprev, diagonal=diagonal)
         Znew, _ = scan.solve(A=_keep_valid(A, valid, eye, padded), b=_keep_valid(b, valid, 0.0, padded),
                              h0=z0, diagonal=diagonal, axis_name=opts.axis_name, method=opts.method,
@@ -188,7 +191,7 @@ def _newton(dyn: Dynamics, opts: Options, params, z0, xs, init):
     def iterate(c):
         Z, it, done, bad = c
         zprev = _previous(Z, z0, opts.axis_name)
-        f = _steps(dyn, params, zprev, xs)
+        f = steps(dyn, params, zprev, xs)
         active = (~done) & (~bad) & (it < opts.max_iter)
         # An iterate whose residual is already within tolerance is a solution: stop without a linear
         # solve.  Near-marginal linearisations (GTF α at its estimate, long T) amplify float round-off
@@ -211,7 +214,7 @@ def _newton(dyn: Dynamics, opts: Options, params, z0, xs, init):
     carry = (vma.vary(init, state_axes), scal(jnp.int32(0)), scal(jnp.bool_(False)),
              scal(jnp.bool_(False)))
     Z, it, done, bad = lax.while_loop(keep_going, iterate, carry)
-    f = _steps(dyn, params, _previous(Z, z0, opts.axis_name), xs)
+    f = steps(dyn, params, _previous(Z, z0, opts.axis_name), xs)
     # The states count as a solution only when their residual is within tolerance (checked here also
     # after the last iteration).
     newton_ok = ~bad & (residual_excess(Z, f) <= 0)
@@ -219,7 +222,7 @@ def _newton(dyn: Dynamics, opts: Options, params, z0, xs, init):
     converged = newton_ok
     if opts.fallback:
         Z = lax.cond(newton_ok, lambda Z: Z, partial(_sequential_sweeps, dyn, opts, params, z0, xs, valid), Z)
-        f = _steps(dyn, params, _previous(Z, z0, opts.axis_name), xs)
+        f = steps(dyn, params, _previous(Z, z0, opts.axis_name), xs)
     residual = _max_over_slice(jnp.abs(Z - f), valid, time, 0.0)
     if opts.fallback:
         rescued = ~newton_ok & jnp.isfinite(residual)
@@ -252,7 +255,7 @@ def _sequential_sweeps(dyn, opts, params, z0, xs, valid, Z):
 def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
     """Cotangents (params, z0, xs) for the cotangent ``g`` (n, M) of the states.
 
-    With ``μ_t = A_tᵀ λ_t`` (DESIGN §2.4): ``μ_t = A_tᵀ (g_t + μ_{t+1})`` is a reverse-time affine
+    With ``μ_t = A_tᵀ λ_t`` (design §2.4): ``μ_t = A_tᵀ (g_t + μ_{t+1})`` is a reverse-time affine
     recurrence using only local Jacobians, ``λ_t = g_t + μ_{t+1}``, and one vmapped VJP of the step
     gives ``∂ℓ/∂θ = Σ_t (∂f_t/∂θ)ᵀ λ_t``, ``∂ℓ/∂x_t``, and ``∂ℓ/∂z_0 = μ_1``.  In diagonal mode ``A_t`` is
     never formed: ``μ`` is found by the exact splitting ``A = D + (A − D)``, iterating
@@ -273,14 +276,14 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
     zero = vma.vary(jnp.zeros((m,), Z.dtype), vma.of(z0))
     reverse_solve = partial(scan.solve, h0=zero, reverse=True, axis_name=ax, method=opts.method,
                             block=opts.block)
-    A = _jacobians(dyn, opts.diagonal, params, zprev, xs)
+    A = jacobians(dyn, opts.diagonal, params, zprev, xs)
     A = _keep_valid(A, valid, 0.0, padded)
     adjoint_ok = jnp.bool_(True)
     if not opts.diagonal:
         mu, mu_in = reverse_solve(A, scan.apply(A, g, diagonal=False, transpose=True),
                                   diagonal=False, transpose=True)
     else:
-        _, vjp_z = jax.vjp(lambda zp: _steps(dyn, params, zp, xs), zprev)
+        _, vjp_z = jax.vjp(lambda zp: steps(dyn, params, zp, xs), zprev)
 
         def lam_of(mu, mu_in):
             return _keep_valid(g + jnp.concatenate([mu[1:], mu_in[None]]), valid, 0.0, padded)
@@ -316,7 +319,7 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
     # partial sums, and _solve_bwd sums them over devices (and batch) exactly once, explicitly.
     # (A VJP w.r.t. replicated params would psum implicitly, and under vmap its type would hide it.)
     params_v = vma.like(params, lam, zprev)
-    _, vjp_all = jax.vjp(lambda p, zp, x: _steps(dyn, p, zp, x), params_v, zprev, xs)
+    _, vjp_all = jax.vjp(lambda p, zp, x: steps(dyn, p, zp, x), params_v, zprev, xs)
     d_params, d_zprev, d_xs = vjp_all(lam)
     d_z0 = d_zprev[0]
     if ax is not None:

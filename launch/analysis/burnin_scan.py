@@ -4,7 +4,7 @@ D_H of every retained checkpoint, free-running (a) from ``L x0`` of the first te
 units running on); then 125 000 free steps, the first 25 000 dropped, compared with the whole test series.
 The test series is looked at for every checkpoint: this describes runs, it selects nothing.
 
-    python docs/results-raw/ecg/burnin_scan.py RUN_DIR OUT.json      # from the repository root
+    python launch/analysis/burnin_scan.py RUN_DIR OUT.json      # from the repository root
 """
 import json
 import sys
@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from distdeer import eval as ev
+from distdeer.data import reference
 from distdeer.metrics import state_space_divergence, power_spectrum_distance
 from distdeer.solver import sequential
 
 run = sys.argv[1]
 out = []
-test_raw = np.load("../shared/data/ECG_pecuzal_5d_test.npy")
+test_raw = np.load(reference.resolve("ref:ECG_pecuzal_5d_test.npy"))
 N = test_raw.shape[1]
 run_on = jax.jit(lambda p, z, xs, f: sequential(f, p, z, xs), static_argnums=3)
 for step in ev.retained_steps(run):

@@ -1,6 +1,6 @@
 """Unforced latent units of an M = 8 ECG run around each heartbeat (docs/results.md, ECG section).
 
-    python docs/results-raw/ecg/latent_profile.py RUN_DIR STEP
+    python launch/analysis/latent_profile.py RUN_DIR STEP
 
 Two trajectories of the checkpoint at STEP: forced by the training series (the five observed units set
 to the data at every step, the three unforced ones running on) and free-running from the first test
@@ -14,14 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from distdeer import eval as ev
+from distdeer.data import reference
 from distdeer.solver import sequential
 
 run, step = sys.argv[1], int(sys.argv[2])
 cfg, model, params, norm, _ = ev.load_run(run, step)
 mean, std = np.array(norm["mean"]), np.array(norm["std"])
 standardise = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
-x_train = standardise(np.load("../shared/data/ECG_pecuzal_5d_train.npy"))
-x_test = standardise(np.load("../shared/data/ECG_pecuzal_5d_test.npy"))
+x_train = standardise(np.load(reference.resolve("ref:ECG_pecuzal_5d_train.npy")))
+x_test = standardise(np.load(reference.resolve("ref:ECG_pecuzal_5d_test.npy")))
 N = x_train.shape[1]
 
 

@@ -5,7 +5,7 @@ normalised spectra (``distdeer.metrics.smoothed_spectra``, σ = 20 — the spect
 the same power of the run's ``generated.npy``, per coordinate.  A ratio ≫ 1: the model lacks the slow
 modulation (on the slow–fast system, the breathing of the attractor with the hidden drive).
 
-    python docs/results-raw/slowfast/lowfreq.py TEST.zarr RUN_DIR [RUN_DIR ...]
+    python launch/analysis/lowfreq.py TEST.zarr RUN_DIR [RUN_DIR ...]
 """
 import os
 import sys

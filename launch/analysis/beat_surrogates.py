@@ -1,6 +1,6 @@
 """What an ECG model's free run must reproduce to reach the targets: surrogates built from real beats.
 
-    python docs/results-raw/ecg/beat_surrogates.py [TRAIN.npy TEST.npy]
+    python launch/analysis/beat_surrogates.py [TRAIN.npy TEST.npy]
 
 The training series is cut into beats (QRS peak to QRS peak: local maxima above 3.0 in the first
 coordinate, as in docs/results.md's rhythm tables), and series of the test series' length are assembled
@@ -14,9 +14,10 @@ import sys
 import numpy as np
 
 from distdeer.metrics import power_spectrum_distance, state_space_divergence
+from distdeer.data import reference
 
 train_path, test_path = (sys.argv[1:3] if len(sys.argv) == 3 else
-                         ("../shared/data/ECG_pecuzal_5d_train.npy", "../shared/data/ECG_pecuzal_5d_test.npy"))
+                         (reference.resolve("ref:ECG_pecuzal_5d_train.npy"), reference.resolve("ref:ECG_pecuzal_5d_test.npy")))
 train, test = np.load(train_path), np.load(test_path)
 T = len(test)
 d = train[:, 0]
