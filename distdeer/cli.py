@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GTF forcing strength (default: estimated, 1 - 1/geometric-mean Jacobian norm)")
     s.add_argument("--repeats", type=_positive("--repeats"), default=3, help="timed repetitions (best is kept)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--jacobian-source", choices=("analytic", "autodiff"), default="analytic",
+                   help="the model's closed-form Jacobians, or none (the solver differentiates the step)")
+    s.add_argument("--init", choices=("data", "default"), default="data",
+                   help="Newton's initial guess: the forcing states, or the solver's default (z0 repeated)")
     s.add_argument("--skip-sequential", action="store_true", help="time DEER only (huge T)")
     s.add_argument("--memory-only", action="store_true",
                    help="only compile and report XLA's memory analysis (nothing is allocated or run)")
@@ -181,7 +185,7 @@ def _bench_solver(args) -> int:
     cfg = solver.SolverBench(T=args.T, latent=args.latent, hidden=args.hidden, devices=args.devices,
                              jacobian=args.jacobian, alpha=args.alpha, repeats=args.repeats, seed=args.seed,
                              method=args.method, skip_sequential=args.skip_sequential,
-                             memory_only=args.memory_only)
+                             memory_only=args.memory_only, jacobian_source=args.jacobian_source, init=args.init)
     try:
         res = solver.run(cfg)
     except ValueError as e:

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 # The allowed values of every field with a fixed set of them, stated once: validation, the CLI's choices
 # and its help read them from here (``CHOICES``).
 System = Literal["lorenz63", "rossler", "lorenz96", "slowfast"]
-ModelKind = Literal["shplrnn", "clipped_shplrnn", "alrnn", "plrnn"]
+ModelKind = Literal["shplrnn", "clipped_shplrnn", "alrnn", "plrnn", "custom"]
 Readout = Literal["identity", "affine"]
 GTFMode = Literal["adaptive", "constant"]
 NormKind = Literal["max", "geometric", "mean"]
@@ -58,7 +58,11 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    kind: ModelKind = "clipped_shplrnn"  # the latent map F (design §2.1)
+    kind: ModelKind = "clipped_shplrnn"  # the latent map F (design §2.1); custom: your own, from model.factory
+    # kind custom: "package.module:function" (importable from the working directory or the environment);
+    # function(latent=M, hidden=L) returns {"init": key -> params, "step": (params, z) -> z, optionally
+    # "jac": (params, z) -> (M, M) and "jac_diag": (params, z) -> (M,)}; without them Jacobians by autodiff
+    factory: str | None = None
     latent: int = 3  # M
     hidden: int = 50  # L (shPLRNN family)
     nonlinear: int = 2  # P (ALRNN): units passed through the ReLU
@@ -277,6 +281,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"gtf.alpha: must lie in [0, 1], got {cfg.gtf.alpha}")
     if cfg.train.lr_end > cfg.train.lr:
         raise ConfigError(f"train.lr_end ({cfg.train.lr_end}) must not exceed train.lr ({cfg.train.lr})")
+    if (cfg.model.kind == "custom") != (cfg.model.factory is not None):
+        raise ConfigError("model.factory: set it (package.module:function) exactly when model.kind is custom")
     if cfg.model.kind == "alrnn" and cfg.model.nonlinear > cfg.model.latent:
         raise ConfigError(f"model.nonlinear ({cfg.model.nonlinear}) exceeds model.latent ({cfg.model.latent})")
     if cfg.train.seq_len is not None and cfg.train.seq_len < 2:

@@ -23,6 +23,17 @@ def test_bench_solver_writes_json(tmp_path, capsys):
     assert "ratio DEER/sequential" in capsys.readouterr().out
 
 
+def test_bench_solver_user_path_autodiff_default_init(tmp_path):
+    """The path a user's own step takes (Jacobians by autodiff, the default initial guess) gives the same
+    states and gradient as the sequential reference, and as the analytic path."""
+    out = tmp_path / "user.json"
+    assert main(["bench", "solver", "--T", "1500", "--latent", "3", "--hidden", "8", "--repeats", "1",
+                 "--jacobian-source", "autodiff", "--init", "default", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert (res["jacobian_source"], res["init"]) == ("autodiff", "default")
+    assert res["converged"] and res["max_state_error"] < 1e-4 and res["grad_rel_error"] < 1e-3
+
+
 def test_bench_solver_sharded_in_a_fresh_process(tmp_path):
     out = tmp_path / "b.json"
     proc = subprocess.run([sys.executable, "-m", "distdeer.cli", "bench", "solver", "--T", "999", "--latent", "2",

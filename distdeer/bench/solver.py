@@ -43,6 +43,10 @@ class SolverBench:
     method: str | None = None
     skip_sequential: bool = False
     memory_only: bool = False  # compile only and report XLA's memory analysis (no data, no run)
+    # analytic: the model's closed-form Jacobians; autodiff: none given, the solver differentiates the step
+    # (what a user's own step gets)
+    jacobian_source: str = "analytic"
+    init: str = "data"  # Newton's initial guess: the forcing states ("data"), or the solver's default (z0 repeated)
 
 
 def _problem(cfg: SolverBench):
@@ -62,8 +66,10 @@ def _problem(cfg: SolverBench):
     if alpha is None:
         sample = zhat[:-1][:: max(1, cfg.T // 10_000)]  # ≤ ~10^4 points: the estimate, not the SVDs, is the point
         alpha = float(gtf.alpha_from_norm(gtf.jacobian_norm(plrnn.clipped_shplrnn_jac, params, sample)))
-    step = gtf.forced_step(plrnn.clipped_shplrnn, alpha, None, latent=M, jac=plrnn.clipped_shplrnn_jac,
-                           jac_diag=plrnn.clipped_shplrnn_jac_diag)
+    analytic = cfg.jacobian_source == "analytic"
+    step = gtf.forced_step(plrnn.clipped_shplrnn, alpha, None, latent=M,
+                           jac=plrnn.clipped_shplrnn_jac if analytic else None,
+                           jac_diag=plrnn.clipped_shplrnn_jac_diag if analytic else None)
     return step, params, zhat[0], zhat[:-1], zhat[1:], data[1:], R, alpha
 
 
@@ -148,6 +154,8 @@ def run(cfg: SolverBench) -> dict:
             from distdeer.mesh import replicate
 
             params, z0, xs, init, targets, R = replicate((params, z0, xs, init, targets, R), mesh)
+    if cfg.init == "default":
+        init = jnp.broadcast_to(z0, xs.shape)  # what deer() starts from when given no init
     opts = dict(jacobian=cfg.jacobian, mesh=mesh, init=init, throw=False, method=cfg.method,
                 max_iter=200)
 
@@ -214,7 +222,8 @@ def report(res: dict) -> str:
                 f"(XLA estimate, not run) DEER value+grad {res['deer_value_grad_bytes'] / 2**30:.2f} GiB, "
                 f"BPTT value+grad {res['bptt_value_grad_bytes'] / 2**30:.2f} GiB")
     lines = [f"T={res['T']} M={res['latent']} L={res['hidden']} devices={res['devices']} "
-             f"jacobian={res['jacobian']} alpha={res['alpha']:.3f} backend={res['backend']} ({res['device_kind']})",
+             f"jacobian={res['jacobian']} ({res['jacobian_source']}) init={res['init']} alpha={res['alpha']:.3f} "
+             f"backend={res['backend']} ({res['device_kind']})",
              f"  Newton iterations {res['newton_iterations']}  converged {res['converged']}  "
              f"residual {res['residual']:.2e}  (warm start: {res['newton_iterations_warm']} iterations, "
              f"converged {res['converged_warm']}); {res['per_iteration_s'] * 1e3:.2f} ms per iteration"]

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from distdeer.config import ModelConfig
+from distdeer.models import custom as custom_mod
 from distdeer.models import plrnn
 
 
@@ -29,13 +30,21 @@ class Model:
     nonlinear: int = 2
     readout: str = "identity"
     unforced_init: float = 1.0  # initial scale of the unforced units' weight rows (ModelConfig)
+    factory: str | None = None  # kind "custom": package.module:function (models/custom.py)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, observed: int) -> "Model":
         if cfg.readout == "identity" and cfg.latent < observed:
             raise ValueError(f"model.latent ({cfg.latent}) is smaller than the observed dimension "
                              f"({observed}); an identity readout needs latent >= observed")
-        return cls(cfg.kind, cfg.latent, observed, cfg.hidden, cfg.nonlinear, cfg.readout, cfg.unforced_init)
+        model = cls(cfg.kind, cfg.latent, observed, cfg.hidden, cfg.nonlinear, cfg.readout, cfg.unforced_init,
+                    cfg.factory)
+        if model.kind == "custom":
+            model.custom()  # import and check it now: a bad factory is bad input, reported before training
+        return model
+
+    def custom(self) -> custom_mod.CustomMap:
+        return custom_mod.load(self.factory, self.latent, self.hidden)
 
     # -- the map and its Jacobians -------------------------------------------------------------
     def _fns(self) -> tuple[Callable, Callable, Callable]:
@@ -48,6 +57,9 @@ class Model:
                          for f in (plrnn.alrnn, plrnn.alrnn_jac, plrnn.alrnn_jac_diag))
         if self.kind == "plrnn":
             return plrnn.plrnn, plrnn.plrnn_jac, plrnn.plrnn_jac_diag
+        if self.kind == "custom":
+            c = self.custom()
+            return c.step, c.jac, c.jac_diag
         raise ValueError(f"unknown model kind {self.kind!r}")
 
     @property
@@ -69,9 +81,11 @@ class Model:
             F = plrnn.init_shplrnn(kf, M, self.hidden)
         elif self.kind == "alrnn":
             F = plrnn.init_alrnn(kf, M)
+        elif self.kind == "custom":
+            F = self.custom().init(kf)
         else:
             F = plrnn.init_plrnn(kf, M)
-        if self.readout == "identity" and M > N and self.unforced_init != 1.0:
+        if self.readout == "identity" and M > N and self.unforced_init != 1.0 and self.kind != "custom":
             # The unforced units' rows: their Jacobian block is diag(a) plus `unforced_init` times the
             # default coupling, so it starts contractive for a small factor (GTF does not damp these units).
             W = "W1" if "W1" in F else "W"
@@ -112,10 +126,13 @@ class Model:
         return self.forcing(params, x0[None])[0]
 
     def regulariser(self, params: dict, lam: float) -> jax.Array:
-        """``λ (‖1 − a‖² + Σ ‖other map weights‖²)`` (pulls ``a`` towards 1), plus for an affine readout
-        ``λ ‖B Bᵀ − I‖²`` so that its pseudo-inverse stays well conditioned."""
+        """``λ (‖1 − a‖² + Σ ‖other map weights‖²)`` (pulls ``a`` towards 1; a custom map: ``λ Σ ‖weights‖²``),
+        plus for an affine readout ``λ ‖B Bᵀ − I‖²`` so that its pseudo-inverse stays well conditioned."""
         F = params["F"]
-        reg = jnp.sum((1.0 - F["a"]) ** 2) + sum(jnp.sum(v ** 2) for k, v in F.items() if k != "a")
+        if self.kind == "custom":  # its parameters are the user's pytree: plain weight decay on all of them
+            reg = sum(jnp.sum(v ** 2) for v in jax.tree.leaves(F))
+        else:
+            reg = jnp.sum((1.0 - F["a"]) ** 2) + sum(jnp.sum(v ** 2) for k, v in F.items() if k != "a")
         if self.readout == "affine":
             B = params["readout"]["B"]
             reg = reg + jnp.sum((B @ B.T - jnp.eye(self.observed)) ** 2)
