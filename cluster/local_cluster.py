@@ -5,7 +5,8 @@
 A head without CPUs (it runs Ray's services and job drivers) and ``--nodes`` worker nodes (separate
 raylets, as ``ray.cluster_utils.Cluster`` starts them — the same as the test suite uses).  Token
 authentication stays on: the token is read from ``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token`` (generated
-there if missing, as ``ray start`` does); the dashboard binds to 127.0.0.1 only.  It prints the
+there if missing, as ``ray start`` does); the dashboard binds to 127.0.0.1 only.  Once a trivial job has
+been accepted and run (Ray's job server refuses jobs for a while after start-up), it prints the
 commands to submit a job, then waits; Ctrl-C stops the cluster.  A node can be removed to simulate its
 loss by typing its number and Enter.
 """
@@ -13,9 +14,31 @@ loss by typing its number and Enter.
 import argparse
 import os
 import sys
+import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def wait_for_job_server(address: str, timeout_s: float = 300.0) -> None:
+    """Return once ``ray job submit`` works: a trivial job is accepted and has run.  For a while after the
+    nodes are up, Ray's job server answers "No available agent to submit job, please try again later"."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client = JobSubmissionClient(address)
+            job = client.submit_job(entrypoint="true", submission_id=f"local-cluster-ready-{os.getpid()}")
+            break
+        except Exception as e:  # the server's "try again later", or not listening yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the job server at {address} accepted no job within {timeout_s:g} s: {e}")
+            time.sleep(1.0)
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the readiness job on {address} did not finish within {timeout_s:g} s")
+        time.sleep(0.5)
 
 
 def main() -> int:
@@ -41,6 +64,7 @@ def main() -> int:
         "dashboard_port": args.dashboard_port})
     nodes = [cluster.add_node(num_cpus=args.cpus_per_node) for _ in range(args.nodes)]
     cluster.wait_for_nodes()
+    wait_for_job_server(f"http://127.0.0.1:{args.dashboard_port}")
     print(f"""Ray cluster up: {args.nodes} nodes.  In another shell:
   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$(cat {token_file})   # or the token you set
   ray job submit --address http://127.0.0.1:{args.dashboard_port} --submission-id l63-a --no-wait \\

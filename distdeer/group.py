@@ -11,11 +11,11 @@ concurrently and then runs ``distdeer.train.loop.run`` — the same program as `
 
 Failure handling (a JAX process group cannot lose a member, design §4): any worker error, a dead actor
 or node, or a rank whose last step is older than ``ray.watchdog_s`` (also a rank that has compiled its
-step but not completed the first one; ``ray.startup_s`` before that: ``overdue``) ends the attempt; every actor is killed, the placement group removed, and a new
-attempt starts fresh processes with a new coordinator port, which restore the latest complete
-checkpoint.  After ``ray.max_failures`` restarts the job fails with the cause.  Bad input (config,
-data, checkpoint) is never retried.  SIGTERM to the driver (``ray job stop``) asks every rank to stop at
-the same step boundary, which saves a checkpoint.
+step but not completed the first one; ``ray.startup_s`` before that: ``overdue``) ends the attempt;
+every actor is killed, the placement group removed, and a new attempt starts fresh processes with a
+new coordinator port, which restore the latest complete checkpoint.  After ``ray.max_failures`` restarts
+the job fails with the cause.  Bad input (config, data, checkpoint) is never retried.  SIGTERM to the
+driver (``ray job stop``) asks every rank to stop at the same step boundary, which saves a checkpoint.
 """
 
 from __future__ import annotations
@@ -440,7 +440,7 @@ def overdue(ranks: list[Seen], elapsed: float, now: float, startup_s: float, wat
         if r.step is None and r.phase == "first step" and now - r.since > watchdog_s:
             return (f"rank {rank} compiled its step {now - r.since:.0f} s ago and has not completed it: > "
                     f"ray.watchdog_s={watchdog_s:g} s (hung collective or stalled process; watchdog)")
-        if r.step is None and elapsed > startup_s:
+        if r.step is None and r.phase != "first step" and elapsed > startup_s:
             return (f"rank {rank} completed no step within ray.startup_s={startup_s:g} s (watchdog; last heard: "
                     f"{r.phase})")
     return None

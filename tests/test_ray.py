@@ -288,6 +288,8 @@ def test_watchdog_verdicts_by_phase():
     cause = overdue([Seen(None, "first step", now - 299), first], 400, now, startup, watchdog)
     assert cause.startswith("rank 1 compiled its step 301 s ago and has not completed it") and "watchdog" in cause
     assert overdue([Seen(None, "first step", now - 299)] * 2, 400, now, startup, watchdog) is None
+    # compiled just before the start-up allowance ran out: the first step still gets its watchdog_s
+    assert overdue([Seen(None, "first step", now - 100)] * 2, 950, now, startup, watchdog) is None
     stuck = Seen(17, "training", now - 301)
     assert overdue([Seen(20, "training", now - 1), stuck], 5000, now, startup, watchdog).startswith(
         "rank 1 made no progress for 301 s > ray.watchdog_s=300 s")
