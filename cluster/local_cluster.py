@@ -13,11 +13,18 @@ loss by typing its number and Enter.
 
 import argparse
 import os
+import socket
 import sys
 import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for_job_server(address: str, timeout_s: float = 300.0) -> None:
@@ -59,10 +66,14 @@ def main() -> int:
             os.environ["RAY_AUTH_TOKEN"] = f.read().strip()
     from ray.cluster_utils import Cluster
 
+    # Every node's dashboard agent gets a port of its own: Ray's default (52365) is one per machine, and the
+    # job server needs the head's agent — a second cluster on the machine (or the test suite's) would
+    # otherwise refuse every job ("No available agent to submit job").
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": args.dashboard_port})
-    nodes = [cluster.add_node(num_cpus=args.cpus_per_node) for _ in range(args.nodes)]
+        "dashboard_port": args.dashboard_port, "dashboard_agent_listen_port": free_port()})
+    nodes = [cluster.add_node(num_cpus=args.cpus_per_node, dashboard_agent_listen_port=free_port())
+             for _ in range(args.nodes)]
     cluster.wait_for_nodes()
     wait_for_job_server(f"http://127.0.0.1:{args.dashboard_port}")
     print(f"""Ray cluster up: {args.nodes} nodes.  In another shell:

@@ -55,11 +55,13 @@ def test_documented_local_cluster_walkthrough(tmp_path):
     cluster = subprocess.Popen(["bash", "-c", f"{adapt(start)} --dashboard-port {port}"], env=env, cwd=ROOT,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        seen = []
         for line in cluster.stdout:  # the cluster prints its banner once every node is up
+            seen.append(line)
             if line.startswith("Ray cluster up"):
                 break
         else:
-            raise AssertionError("local_cluster.py exited before the cluster was up")
+            raise AssertionError("local_cluster.py exited before the cluster was up:\n" + "".join(seen)[-3000:])
         assert (home / ".ray" / "auth_token").exists()
         client = lambda c: shell(f"{auth}\n{adapt(c)}", env)  # noqa: E731
 

@@ -49,9 +49,9 @@ def cluster(tmp_path_factory):
     Config.initialize("")  # re-read RAY_AUTH_MODE if ray was imported earlier (what ray.init does itself)
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": free_port()})
-    for _ in range(3):
-        c.add_node(num_cpus=1)
+        "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()})
+    for _ in range(3):  # agents on ports of their own: Ray's default port is one per machine
+        c.add_node(num_cpus=1, dashboard_agent_listen_port=free_port())
     c.wait_for_nodes()
     yield c
     c.shutdown()
