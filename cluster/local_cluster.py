@@ -13,18 +13,13 @@ loss by typing its number and Enter.
 
 import argparse
 import os
-import socket
 import sys
 import time
 
+from distdeer.distributed import free_port
+
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_job_server(address: str, timeout_s: float = 300.0) -> None:

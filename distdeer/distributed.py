@@ -11,6 +11,16 @@ from __future__ import annotations
 import numpy as np
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on this machine at the moment (bound to ``host``; "" for every interface), for a
+    coordinator or a service about to listen on it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def initialize(coordinator: str, num_processes: int, process_id: int, timeout_s: int = 300) -> None:
     """Join the process group: ``coordinator`` is ``host:port`` of process 0's coordination service."""
     import jax

@@ -43,6 +43,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distdeer import config as config_mod
+from distdeer import distributed
 from distdeer import files
 from distdeer.config import Config
 
@@ -71,9 +72,7 @@ class HostWorker:
                 "hostname": socket.gethostname(), "gpus": ray.get_gpu_ids()}
 
     def free_port(self) -> int:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+        return distributed.free_port("")  # on this worker's node, which other nodes connect to
 
     def train(self, cfg_dict: dict, coordinator: str, hosts: int, rank: int, timeout_s: int) -> dict:
         from distdeer import distributed
@@ -143,9 +142,7 @@ class LocalRay:
         from ray._raylet import Config
 
         Config.initialize("")  # Ray read its authentication mode when imported: read it again
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = distributed.free_port()
         self.address = f"127.0.0.1:{port}"
         # Its own session directory: Ray processes on this machine that look up "the latest session" under
         # the default /tmp/ray (a job driver of another cluster, say) must not find this one and its token.

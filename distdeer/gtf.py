@@ -79,8 +79,8 @@ def forced_step(F: Callable, alpha, forced=None, *, latent: int | None = None, j
     return ForcedStep(F, alpha, forced_mask(forced, latent), jac, jac_diag)
 
 
-# jaxlib's CPU LAPACK kernels (0.10.2 and 0.11.0, ``ParallelBatchMap``) cut a batch whose estimated cost reaches 2·10^5 FLOP (SVD:
-# 10·m·n·min(m, n) per matrix) into chunks that they queue on XLA's intra-op thread pool, then block their
+# jaxlib's CPU LAPACK kernels (0.10.2 and 0.11.0, ``ParallelBatchMap``) cut a batch whose estimated cost
+# reaches 2·10^5 FLOP (SVD: 10·m·n·min(m, n) per matrix) into chunks that they queue on XLA's intra-op thread pool, then block their
 # own thread until the chunks are done.  When the call itself runs on a pool thread (as it does after a
 # while loop that used the pool, e.g. the Newton loop) and every pool thread holds such a call (one per
 # simulated device of a process, as many devices as cores), nothing is left to run the chunks and the step

@@ -35,10 +35,11 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
+
+from distdeer.distributed import free_port
 
 COLUMNS = ["devices", "processes", "T", "M", "L", "jacobian", "newton_iterations", "per_iteration_s", "forward_s",
            "value_grad_s", "value_grad_warm_s", "newton_iterations_warm", "loss", "jacobian_s", "local_scan_s", "cross_device_s", "other_s",
@@ -55,12 +56,6 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _row_path(out_dir: str, hosts: int, devices: int, T: int) -> str:
     return os.path.join(out_dir, f"row-h{hosts}-d{devices}-T{T}.json")
 
@@ -72,7 +67,7 @@ def run_point(hosts: int, devices: int, T: int, args, out_dir: str) -> dict:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={per_host}")
     base = [sys.executable, "-m", "distdeer.bench.scaling", "--T", str(T), "--latent", str(args.latent),
             "--hidden", str(args.hidden), "--jacobian", args.jacobian, "--repeats", str(args.repeats), "--out", path]
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{free_port()}"
     procs = []
     for rank in range(hosts):
         cmd = base + (["--coordinator", coordinator, "--hosts", str(hosts), "--rank", str(rank)] if hosts > 1 else [])

@@ -2,23 +2,19 @@
 states and gradients as one process."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
 
-from distdeer import deer, sequential
+from distdeer import deer, distributed, sequential
 from problems import loss_fn, problem
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = distributed.free_port  # the other test files import it from here
 
 
 def test_two_processes_match_one(tmp_path):

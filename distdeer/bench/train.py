@@ -185,16 +185,15 @@ def in_processes(processes: int, pin: bool, T: int, devices: int, steps: int, la
     ``timeout`` (seconds): the processes are killed and ``TimeoutError`` raised when they take longer."""
     import json
     import os
-    import socket
     import subprocess
     import sys
     import tempfile
 
+    from distdeer import distributed
+
     if devices % processes:
         raise ValueError(f"--devices {devices} is not a multiple of --processes {processes}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = distributed.free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices // processes}",
