@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import distdeer
-from distdeer import Result, SolverError, deer, deer_batch, sequential
+from distdeer import Result, SolverError, deer, deer_batch, gtf, sequential
+from distdeer.models import plrnn
 from problems import (euler_lorenz, loss_fn, loss_grads, noisy_lorenz, problem, rel_err, sequential_reference,
                       solve_and_grads)
 
@@ -239,3 +240,43 @@ def test_success_is_only_reported_when_the_residual_test_passes(wrong_jacobian):
         if np.all(np.isfinite(np.asarray(g))):  # a NaN gradient is the adjoint's reported failure
             assert rel_err(g, g_ref) < 1e-3, trial
     assert successes >= 6
+
+
+# Chunked evaluation (chunks.over_time): a chunk that divides T, one that leaves a remainder, one step.
+@pytest.mark.parametrize("name,jacobian,chunk", [("clipped", "dense", 1000), ("clipped", "diagonal", 613),
+                                                 ("gru", "diagonal", 1000), ("gru", "dense", 613),
+                                                 ("shplrnn", "dense", 1)])
+def test_chunked_evaluation_matches_sequential(name, jacobian, chunk):
+    T = 4000 if chunk != 1 else 37
+    step, params, z0, xs = problem(name, T)
+    ref, g_ref = sequential_reference(name, T)
+    sol, g = solve_and_grads(lambda p, z, x: deer(step, p, z, x, jacobian=jacobian, chunk=chunk), params, z0, xs)
+    assert bool(sol.converged)
+    np.testing.assert_allclose(sol.states, ref, atol=5e-5, rtol=1e-4)
+    assert rel_err(g, g_ref) < 1e-4  # params, z0 and xs
+
+
+def test_chunking_bounds_the_compiled_memory_of_value_and_grad():
+    """The step's hidden activations (T × L floats) dominate an unchunked value+grad; chunks of 2^12
+    steps must cut the compiled temporaries at least fourfold (here T·L = 2^24 floats vs T·M = 2^18)."""
+    T, M, L = 2 ** 16, 4, 256
+    params = jax.eval_shape(lambda: plrnn.init_shplrnn(jax.random.PRNGKey(0), M, L))
+    step = gtf.forced_step(plrnn.clipped_shplrnn, 0.2, None, latent=M)
+    S = jax.ShapeDtypeStruct
+
+    def temp_bytes(chunk, jacobian):
+        def vg(p, z0, xs):
+            return jax.value_and_grad(lambda q: loss_fn(deer(step, q, z0, xs, throw=False, jacobian=jacobian,
+                                                             chunk=chunk).states))(p)
+        compiled = jax.jit(vg).lower(params, S((M,), jnp.float32), S((T, M), jnp.float32)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    for jacobian in ("dense", "diagonal"):
+        whole, chunked = temp_bytes(None, jacobian), temp_bytes(2 ** 12, jacobian)
+        assert chunked * 4 < whole, (jacobian, chunked, whole)
+
+
+def test_bad_chunk_is_rejected():
+    step, params, z0, xs = problem("clipped", 10)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        deer(step, params, z0, xs, chunk=0)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from distdeer.solver import scan
+from distdeer.solver import chunks, scan
 from distdeer.solver.newton import Dynamics, Options, Result, Solution, solve_slice
 
 JACOBIANS = ("dense", "diagonal")
@@ -107,7 +107,7 @@ def _dynamics(step, jac, jac_diag) -> Dynamics:
 
 
 def _options(T, z0, jacobian, max_iter, atol, rtol, method, block, axis_name, sync_axes, fallback,
-             adjoint_max_iter) -> Options:
+             adjoint_max_iter, chunk) -> Options:
     d_atol, d_rtol = default_tolerances(z0.dtype)
     method = method or scan.default_method()
     if method not in scan.METHODS:
@@ -116,14 +116,18 @@ def _options(T, z0, jacobian, max_iter, atol, rtol, method, block, axis_name, sy
         max_iter = DEFAULT_MAX_ITER[jacobian]
     if max_iter < 0:
         raise ValueError(f"deer: max_iter must be >= 0, got {max_iter}")
+    if chunk is not None and int(chunk) < 1:
+        raise ValueError(f"deer: chunk must be >= 1 steps (or None), got {chunk}")
     return Options(length=T, jacobian=jacobian, max_iter=int(max_iter),
                    atol=float(d_atol if atol is None else atol), rtol=float(d_rtol if rtol is None else rtol),
                    method=method, block=block, axis_name=axis_name, sync_axes=tuple(sync_axes),
-                   fallback=bool(fallback), adjoint_max_iter=int(adjoint_max_iter))
+                   fallback=bool(fallback), adjoint_max_iter=int(adjoint_max_iter),
+                   chunk=None if chunk is None else int(chunk))
 
 
 SOLVER_OPTIONS = dict(jacobian="dense", max_iter=None, atol=None, rtol=None, jac=None, jac_diag=None,
-                      fallback=False, method=None, block=None, adjoint_max_iter=200)
+                      fallback=False, method=None, block=None, adjoint_max_iter=200,
+                      chunk=chunks.DEFAULT_CHUNK)
 
 
 def _solver_options(given: dict) -> dict:
@@ -136,13 +140,13 @@ def _solver_options(given: dict) -> dict:
 
 
 def _prepare(step, params, z0, xs, init, *, batch, mesh, mesh_axes, time_axis, sync_axes, length,
-             jacobian, max_iter, atol, rtol, jac, jac_diag, fallback, method, block, adjoint_max_iter):
+             jacobian, max_iter, atol, rtol, jac, jac_diag, fallback, method, block, adjoint_max_iter, chunk):
     """Shared prologue of the entry points: validate, build Dynamics and Options, default the guess.
 
     ``length``: the number of real steps (None: all of xs).  Returns (dyn, opts, z0, init)."""
     z0, T = _check_inputs(step, params, z0, xs, init, jacobian, mesh, mesh_axes, batch)
     opts = _options(T if length is None else int(length), z0, jacobian, max_iter, atol, rtol, method, block,
-                    time_axis, sync_axes, fallback, adjoint_max_iter)
+                    time_axis, sync_axes, fallback, adjoint_max_iter, chunk)
     if init is None:
         lead = z0.shape[:-1] + (T,)
         init = jnp.broadcast_to(jnp.expand_dims(z0, -2), lead + z0.shape[-1:])
@@ -220,6 +224,7 @@ def deer(
     method: str | None = None,
     block: int | None = None,
     adjoint_max_iter: int = 200,
+    chunk: int | None = chunks.DEFAULT_CHUNK,
 ) -> Solution:
     """Solve ``z_t = step(params, z_{t-1}, x_t)``, t = 1..T, by DEER Newton iterations.
 
@@ -244,6 +249,9 @@ def deer(
         ``result=FALLBACK``).  Under ``vmap`` both branches run, so the sequential cost is always paid.
       method, block: local scan method (``"blocked"`` | ``"associative"``) and block length.
       adjoint_max_iter: iteration limit of the matrix-free adjoint (diagonal mode).
+      chunk: steps per chunk when evaluating the step, its Jacobians and VJPs over a device's slice
+        (default 2^18): bounds the step's intermediates (e.g. hidden activations) alive at once to
+        ``chunk`` steps instead of the whole slice; ``None``: the whole slice at once.
 
     Returns:
       ``Solution(states (T, M), iterations, converged, residual, result)``.
@@ -258,7 +266,7 @@ def deer(
         step, params, z0, xs, init, batch=False, mesh=mesh, mesh_axes=(axis_name,),
         time_axis=axis_name if sharded else None, sync_axes=(axis_name,) if sharded else (), length=None,
         jacobian=jacobian, max_iter=max_iter, atol=atol, rtol=rtol, jac=jac, jac_diag=jac_diag,
-        fallback=fallback, method=method, block=block, adjoint_max_iter=adjoint_max_iter)
+        fallback=fallback, method=method, block=block, adjoint_max_iter=adjoint_max_iter, chunk=chunk)
     T, ext = opts.length, params
     if not sharded:
         sol = solve_slice(dyn, opts, False, ext, z0, xs, init)
@@ -297,7 +305,8 @@ def deer_batch(
     axes); each sequence keeps its own ``iterations``/``converged``/``residual``.  Without a mesh this
     is ``jax.vmap`` of ``deer``.  Fields of the returned ``Solution`` gain a leading batch axis.
     ``options`` are ``deer``'s solver keywords (``jacobian``, ``max_iter``, ``atol``, ``rtol``, ``jac``,
-    ``jac_diag``, ``fallback``, ``method``, ``block``, ``adjoint_max_iter``), with the same defaults.
+    ``jac_diag``, ``fallback``, ``method``, ``block``, ``adjoint_max_iter``, ``chunk``), with the same
+    defaults.
     """
     axes = (data_axis, time_axis)
     sharded = mesh is not None

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from distdeer.precision import float32_matmuls
-from distdeer.solver import scan, vma
+from distdeer.solver import chunks, scan, vma
 
 
 class Result(enum.IntEnum):
@@ -68,6 +68,7 @@ class Options:
     sync_axes: tuple  # every manual mesh axis: loops run in lockstep over all of them
     fallback: bool
     adjoint_max_iter: int  # diagonal mode only: iterations of the matrix-free adjoint
+    chunk: int | None  # steps per chunk of step/Jacobian/VJP evaluations (chunks.over_time); None: all at once
 
     @property
     def diagonal(self) -> bool:
@@ -97,18 +98,21 @@ def from_left(last, z0, axis_name):
     return jnp.where(lax.axis_index(axis_name) == 0, z0, recv)
 
 
-def _previous(Z, z0, axis_name):
-    """``zprev_t = z_{t-1}`` for every step of the slice (one halo exchange)."""
-    return jnp.concatenate([from_left(Z[-1], z0, axis_name)[None], Z[:-1]])
+def _previous(Z, z0, axis_name) -> chunks.Shifted:
+    """``zprev_t = z_{t-1}`` for every step of the slice (one halo exchange), as a shifted view of ``Z``
+    that the chunked evaluations cut piece by piece (no second n × M array)."""
+    return chunks.Shifted(Z, from_left(Z[-1], z0, axis_name), 1)
 
 
-def steps(dyn: Dynamics, params, zprev, xs):
-    """``f_t(z_{t-1})`` for every step of a slice (n, M).  Public with ``jacobians``: benchmarks time the
-    per-iteration work of the Newton loop through these two."""
-    return jax.vmap(dyn.step, in_axes=(None, 0, 0))(params, zprev, xs)
+def steps(dyn: Dynamics, params, zprev, xs, chunk: int | None = None):
+    """``f_t(z_{t-1})`` for every step of a slice (n, M), ``chunk`` steps at a time; ``zprev`` an (n, M)
+    array or ``chunks.Shifted``.  Public with ``jacobians``: benchmarks time the per-iteration work of
+    the Newton loop through these two."""
+    one = jax.vmap(dyn.step, in_axes=(None, 0, 0))
+    return chunks.rows_over_time(lambda s: one(params, *s), (zprev, xs), chunk)
 
 
-def jacobians(dyn: Dynamics, diagonal: bool, params, zprev, xs):
+def jacobians(dyn: Dynamics, diagonal: bool, params, zprev, xs, chunk: int | None = None):
     """``A_t = ∂step/∂z (z_{t-1})``: (n, M, M) dense or (n, M) diagonal; analytic when supplied."""
     if diagonal:
         if dyn.jac_diag is not None:
@@ -118,7 +122,19 @@ def jacobians(dyn: Dynamics, diagonal: bool, params, zprev, xs):
             fn = lambda p, z, x: jnp.diagonal(dense(p, z, x))  # noqa: E731
     else:
         fn = dyn.jac or jax.jacfwd(dyn.step, argnums=1)
-    return jax.vmap(fn, in_axes=(None, 0, 0))(params, zprev, xs)
+    one = jax.vmap(fn, in_axes=(None, 0, 0))
+    return chunks.rows_over_time(lambda s: one(params, *s), (zprev, xs), chunk)
+
+
+def _linearisation(dyn: Dynamics, diagonal: bool, params, zprev, xs, f, chunk):
+    """The Newton step's affine maps ``z_t ≈ A_t z_{t−1} + b_t`` at the current iterate:
+    ``A_t = ∂f_t/∂z (z_{t−1})``, ``b_t = f_t(z_{t−1}) − A_t z_{t−1}`` (``f`` given), in one chunked pass."""
+    def part(s):
+        zp, x, fp = s
+        A = jacobians(dyn, diagonal, params, zp, x)
+        return A, fp - scan.apply(A, zp, diagonal=diagonal)
+
+    return chunks.rows_over_time(part, (zprev, xs, f), chunk)
 
 
 def _has_padding(n: int, opts: Options) -> bool:
@@ -173,8 +189,7 @@ def _newton(dyn: Dynamics, opts: Options, params, z0, xs, init):
         return _max_over_slice(_excess(Z, f, opts), valid, time, -jnp.inf)
 
     def newton_step(Z, zprev, f):
-        A = jacobians(dyn, diagonal, params, zprev, xs)
-        b = f - scan.apply(A, zprev, diagonal=diagonal)
+        A, b = _linearisation(dyn, diagonal, params, zprev, xs, f, opts.chunk)
         Znew, _ = scan.solve(A=_keep_valid(A, valid, eye, padded), b=_keep_valid(b, valid, 0.0, padded),
                              h0=z0, diagonal=diagonal, axis_name=opts.axis_name, method=opts.method,
                              block=opts.block)
@@ -191,7 +206,7 @@ def _newton(dyn: Dynamics, opts: Options, params, z0, xs, init):
     def iterate(c):
         Z, it, done, bad = c
         zprev = _previous(Z, z0, opts.axis_name)
-        f = steps(dyn, params, zprev, xs)
+        f = steps(dyn, params, zprev, xs, opts.chunk)
         active = (~done) & (~bad) & (it < opts.max_iter)
         # An iterate whose residual is already within tolerance is a solution: stop without a linear
         # solve.  Near-marginal linearisations (GTF α at its estimate, long T) amplify float round-off
@@ -214,7 +229,7 @@ def _newton(dyn: Dynamics, opts: Options, params, z0, xs, init):
     carry = (vma.vary(init, state_axes), scal(jnp.int32(0)), scal(jnp.bool_(False)),
              scal(jnp.bool_(False)))
     Z, it, done, bad = lax.while_loop(keep_going, iterate, carry)
-    f = steps(dyn, params, _previous(Z, z0, opts.axis_name), xs)
+    f = steps(dyn, params, _previous(Z, z0, opts.axis_name), xs, opts.chunk)
     # The states count as a solution only when their residual is within tolerance (checked here also
     # after the last iteration).
     newton_ok = ~bad & (residual_excess(Z, f) <= 0)
@@ -222,7 +237,7 @@ def _newton(dyn: Dynamics, opts: Options, params, z0, xs, init):
     converged = newton_ok
     if opts.fallback:
         Z = lax.cond(newton_ok, lambda Z: Z, partial(_sequential_sweeps, dyn, opts, params, z0, xs, valid), Z)
-        f = steps(dyn, params, _previous(Z, z0, opts.axis_name), xs)
+        f = steps(dyn, params, _previous(Z, z0, opts.axis_name), xs, opts.chunk)
     residual = _max_over_slice(jnp.abs(Z - f), valid, time, 0.0)
     if opts.fallback:
         rescued = ~newton_ok & jnp.isfinite(residual)
@@ -252,6 +267,23 @@ def _sequential_sweeps(dyn, opts, params, z0, xs, valid, Z):
 # ---------------------------------------------------------------------------------------------
 # Backward: the implicit adjoint at the converged trajectory.
 
+def _cotangent_rows(part, padded: bool):
+    """``λ_t = g_t + μ_{t+1}`` on a chunk ``(g, μ_{t+1}, valid)``, zero on padded steps."""
+    g, ahead, valid = part
+    return _keep_valid(g + ahead, valid, 0.0, padded)
+
+
+def _state_vjp(dyn: Dynamics, params, zprev, xs, chunk):
+    """``(zp, x, λ) ↦ ((∂f_t/∂z)ᵀ λ_t)_t`` on one chunk ``(zp, x)`` of the slice, called once per chunk per
+    sweep of the diagonal adjoint.  A slice of one chunk is linearised once and every sweep reuses
+    that (the chunk is then the whole slice); a longer slice is linearised chunk by chunk on every
+    sweep, trading one step evaluation per sweep for never holding all n steps' intermediates."""
+    if chunk is None or chunks.length(xs) <= chunk:
+        _, pull = jax.vjp(lambda zp: steps(dyn, params, zp, xs), chunks.whole(zprev))
+        return lambda zp, x, lam: pull(lam)[0]
+    return lambda zp, x, lam: jax.vjp(lambda z: steps(dyn, params, z, x), zp)[1](lam)[0]
+
+
 def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
     """Cotangents (params, z0, xs) for the cotangent ``g`` (n, M) of the states.
 
@@ -259,7 +291,8 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
     recurrence using only local Jacobians, ``λ_t = g_t + μ_{t+1}``, and one vmapped VJP of the step
     gives ``∂ℓ/∂θ = Σ_t (∂f_t/∂θ)ᵀ λ_t``, ``∂ℓ/∂x_t``, and ``∂ℓ/∂z_0 = μ_1``.  In diagonal mode ``A_t`` is
     never formed: ``μ`` is found by the exact splitting ``A = D + (A − D)``, iterating
-    ``μ^{k+1}_t = D_t μ^{k+1}_{t+1} + D_t g_t + (A_t − D_t)ᵀ λ^k_t`` (VJPs, diagonal scans).
+    ``μ^{k+1}_t = D_t μ^{k+1}_{t+1} + (A_tᵀ λ^k_t − D_t μ^k_{t+1})`` (VJPs, diagonal scans).  Memory: the
+    step's VJPs run chunk by chunk (``opts.chunk``) and λ is formed only a chunk at a time.
     """
     n, m = Z.shape
     valid = _valid(n, opts)
@@ -276,30 +309,35 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
     zero = vma.vary(jnp.zeros((m,), Z.dtype), vma.of(z0))
     reverse_solve = partial(scan.solve, h0=zero, reverse=True, axis_name=ax, method=opts.method,
                             block=opts.block)
-    A = jacobians(dyn, opts.diagonal, params, zprev, xs)
+    A = jacobians(dyn, opts.diagonal, params, zprev, xs, opts.chunk)
     A = _keep_valid(A, valid, 0.0, padded)
     adjoint_ok = jnp.bool_(True)
     if not opts.diagonal:
         mu, mu_in = reverse_solve(A, scan.apply(A, g, diagonal=False, transpose=True),
                                   diagonal=False, transpose=True)
     else:
-        _, vjp_z = jax.vjp(lambda zp: steps(dyn, params, zp, xs), zprev)
+        vjp_z = _state_vjp(dyn, params, zprev, xs, opts.chunk)
 
-        def lam_of(mu, mu_in):
-            return _keep_valid(g + jnp.concatenate([mu[1:], mu_in[None]]), valid, 0.0, padded)
+        def terms(part):
+            """On a chunk: the update's offsets ``A_tᵀ λ_t − D_t μ_{t+1}`` (= D_t g_t + (A_t − D_t)ᵀ λ_t,
+            λ = g + μ_{t+1}; zero on padded steps, where A_tᵀ λ_t and D_t are) and the residual test of
+            μ, ``‖A_tᵀ λ_t − μ_t‖`` against the tolerance.  Per chunk, so that A_tᵀ λ_t and λ are never
+            whole slices (memory)."""
+            zp, x, g_c, ahead_c, valid_c, A_c, mu_c = part
+            atl = vjp_z(zp, x, _keep_valid(g_c + ahead_c, valid_c, 0.0, padded))
+            return atl - A_c * ahead_c, _excess(mu_c, atl, opts)
 
         def sweep(c):
-            """Test the current μ by its residual ``A_tᵀ λ_t − μ_t`` (the VJP the update needs anyway);
-            update it only where the test fails, so the loop ends on a μ that passed."""
+            """Test the current μ by its residual (from the VJP the update needs anyway); keep it where
+            the test passes, so the loop ends on a μ that passed.  The scan's states take the place of
+            its offsets; no lax.cond around the solve (its operands would be copied, 1 GiB each at
+            n = 2^24, M = 16): the price is one diagonal scan more on the last sweep."""
             mu, mu_in, it, _ = c
-            lam = lam_of(mu, mu_in)
-            atl = vjp_z(lam)[0]
-            excess = _max_over_slice(_excess(mu, atl, opts), valid, time, -jnp.inf)
+            rhs, exc = chunks.rows_over_time(terms, (zprev, xs, g, chunks.Shifted(mu, mu_in, -1), valid, A, mu),
+                                             opts.chunk)
+            excess = _max_over_slice(exc, valid, time, -jnp.inf)
             ok = excess <= 0
-            need = _pmax((~ok).astype(jnp.int32), opts.sync_axes) > 0
-            off = _keep_valid(atl - A * lam, valid, 0.0, padded)
-            upd, upd_in = lax.cond(need, lambda: reverse_solve(A, A * g + off, diagonal=True),
-                                   lambda: (mu, mu_in))
+            upd, upd_in = reverse_solve(A, rhs, diagonal=True)
             return (jnp.where(ok, mu, upd), jnp.where(ok, mu_in, upd_in), it + (~ok).astype(jnp.int32),
                     excess)
 
@@ -314,14 +352,24 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
         mu, mu_in, _, excess = lax.while_loop(unfinished, sweep, c0)
         # Success needs the residual test of the returned μ, not a small last update (linear convergence).
         adjoint_ok = excess <= 0
-    lam = scale * _keep_valid(g + jnp.concatenate([mu[1:], mu_in[None]]), valid, 0.0, padded)
     # Differentiate w.r.t. a copy of params marked varying like λ: the VJP then returns this device's
     # partial sums, and _solve_bwd sums them over devices (and batch) exactly once, explicitly.
     # (A VJP w.r.t. replicated params would psum implicitly, and under vmap its type would hide it.)
-    params_v = vma.like(params, lam, zprev)
-    _, vjp_all = jax.vjp(lambda p, zp, x: steps(dyn, p, zp, x), params_v, zprev, xs)
-    d_params, d_zprev, d_xs = vjp_all(lam)
-    d_z0 = d_zprev[0]
+    params_v = vma.like(params, g, mu, Z)
+
+    def pull_back(part):
+        zp, x, rest = part
+        _, vjp_all = jax.vjp(lambda p, u: steps(dyn, p, zp, u), params_v, x)
+        d_p, d_x = vjp_all(scale * _cotangent_rows(rest, padded))
+        return d_p, d_x
+
+    # Chunk by chunk: the step's intermediates that the VJP needs live for one chunk at a time, and
+    # the parameter cotangent Σ_t (∂f_t/∂θ)ᵀ λ_t is summed as the chunks go.
+    ahead = chunks.Shifted(mu, mu_in, -1)
+    d_params, d_xs = chunks.over_time(pull_back, (zprev, xs, (g, ahead, valid)), opts.chunk)
+    # ∂ℓ/∂z_0 = (∂f_1/∂z_0)ᵀ λ_1 needs the first step only (not a VJP w.r.t. all n states).
+    zp1, x1, rest1 = chunks.cut((zprev, xs, (g, ahead, valid)), 0, 1)
+    d_z0 = jax.vjp(lambda z: steps(dyn, params, z, x1), zp1)[1](scale * _cotangent_rows(rest1, padded))[0][0]
     if ax is not None:
         d_z0 = jnp.where(lax.axis_index(ax) == 0, d_z0, 0.0)
     # An unconverged forward (or adjoint) solve must not yield a usable gradient.
