@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's closed-form Jacobians, or none (the solver differentiates the step)")
     s.add_argument("--init", choices=("data", "default"), default="data",
                    help="Newton's initial guess: the forcing states, or the solver's default (z0 repeated)")
+    s.add_argument("--adjoint", choices=CHOICES["solver.jacobian"], default=None,
+                   help="the adjoint's maps: one dense reverse scan, or matrix-free diagonal sweeps "
+                        "(default: the solver's, dense unless T*M^2 > 2^26 after a diagonal solve)")
     s.add_argument("--skip-sequential", action="store_true", help="time DEER only (huge T)")
     s.add_argument("--memory-only", action="store_true",
                    help="only compile and report XLA's memory analysis (nothing is allocated or run)")
@@ -185,7 +188,8 @@ def _bench_solver(args) -> int:
     cfg = solver.SolverBench(T=args.T, latent=args.latent, hidden=args.hidden, devices=args.devices,
                              jacobian=args.jacobian, alpha=args.alpha, repeats=args.repeats, seed=args.seed,
                              method=args.method, skip_sequential=args.skip_sequential,
-                             memory_only=args.memory_only, jacobian_source=args.jacobian_source, init=args.init)
+                             memory_only=args.memory_only, jacobian_source=args.jacobian_source, init=args.init,
+                             adjoint=args.adjoint)
     try:
         res = solver.run(cfg)
     except ValueError as e:

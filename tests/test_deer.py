@@ -13,12 +13,13 @@ from problems import (euler_lorenz, loss_fn, loss_grads, noisy_lorenz, problem, 
 
 
 @pytest.mark.parametrize("name", ["shplrnn", "clipped", "gru"])
-@pytest.mark.parametrize("jacobian", ["dense", "diagonal"])
-def test_states_and_gradients_match_sequential(name, jacobian):
+@pytest.mark.parametrize("jacobian,adjoint", [("dense", None), ("diagonal", None), ("diagonal", "diagonal")])
+def test_states_and_gradients_match_sequential(name, jacobian, adjoint):
     T = 4099  # odd, not a multiple of the block length
     step, params, z0, xs = problem(name, T)
     ref, g_ref = sequential_reference(name, T)
-    sol, g = solve_and_grads(lambda p, z, x: deer(step, p, z, x, jacobian=jacobian), params, z0, xs)
+    sol, g = solve_and_grads(lambda p, z, x: deer(step, p, z, x, jacobian=jacobian, adjoint=adjoint), params,
+                             z0, xs)
     assert bool(sol.converged) and int(sol.result) == Result.SUCCESS
     assert 1 <= int(sol.iterations) <= (20 if jacobian == "dense" else 200)
     np.testing.assert_allclose(sol.states, ref, atol=5e-5, rtol=1e-4)
@@ -219,7 +220,7 @@ def test_success_is_only_reported_when_the_residual_test_passes(wrong_jacobian):
     exact = lambda p, z, x: (1 - jnp.tanh(p @ z) ** 2) * jnp.diagonal(p)  # noqa: E731
     jd = (lambda p, z, x: 0.5 * exact(p, z, x)) if wrong_jacobian else exact  # noqa: E731
     solve = lambda A, xs: deer(step, A, jnp.zeros(3), xs, jacobian="diagonal", throw=False, jac_diag=jd,  # noqa: E731
-                               max_iter=400)
+                               max_iter=400, adjoint="diagonal")
     successes = 0
     for trial in range(12):
         A = rng.standard_normal((3, 3)) * (1, 3, 10)[trial % 3]
@@ -250,7 +251,8 @@ def test_chunked_evaluation_matches_sequential(name, jacobian, chunk):
     T = 4000 if chunk != 1 else 37
     step, params, z0, xs = problem(name, T)
     ref, g_ref = sequential_reference(name, T)
-    sol, g = solve_and_grads(lambda p, z, x: deer(step, p, z, x, jacobian=jacobian, chunk=chunk), params, z0, xs)
+    sol, g = solve_and_grads(lambda p, z, x: deer(step, p, z, x, jacobian=jacobian, adjoint=jacobian, chunk=chunk),
+                             params, z0, xs)
     assert bool(sol.converged)
     np.testing.assert_allclose(sol.states, ref, atol=5e-5, rtol=1e-4)
     assert rel_err(g, g_ref) < 1e-4  # params, z0 and xs
@@ -276,7 +278,20 @@ def test_chunking_bounds_the_compiled_memory_of_value_and_grad():
         assert chunked * 4 < whole, (jacobian, chunked, whole)
 
 
-def test_bad_chunk_is_rejected():
+def test_bad_chunk_and_adjoint_are_rejected():
     step, params, z0, xs = problem("clipped", 10)
     with pytest.raises(ValueError, match="chunk must be >= 1"):
         deer(step, params, z0, xs, chunk=0)
+    with pytest.raises(ValueError, match="adjoint must be one of"):
+        deer(step, params, z0, xs, adjoint="sweeps")
+
+
+def test_default_adjoint_follows_the_size_of_the_dense_maps():
+    """After a diagonal solve the adjoint takes dense maps while T·M² ≤ 2^26 floats, matrix-free sweeps
+    beyond (both exact); after a dense solve always dense maps."""
+    from distdeer.solver import api
+    z0 = jnp.zeros(16)
+    opts = lambda jac, T: api._options(T, z0, jac, None, None, None, None, None, None, (), False, None, 200, None)  # noqa: E731
+    assert opts("diagonal", 2 ** 18).adjoint == "dense"          # 2^26 floats
+    assert opts("diagonal", 2 ** 18 + 1).adjoint == "diagonal"
+    assert opts("dense", 2 ** 24).adjoint == "dense"

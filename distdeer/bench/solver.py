@@ -47,6 +47,7 @@ class SolverBench:
     # (what a user's own step gets)
     jacobian_source: str = "analytic"
     init: str = "data"  # Newton's initial guess: the forcing states ("data"), or the solver's default (z0 repeated)
+    adjoint: str | None = None  # the adjoint's maps (deer's adjoint=): dense, diagonal, or None (deer's default)
 
 
 def _problem(cfg: SolverBench):
@@ -125,7 +126,8 @@ def compiled_memory(cfg: SolverBench) -> dict:
 
     def deer_vg(p, z0, xs, init, targets, R):
         return jax.value_and_grad(lambda q: jnp.mean((deer(step, q, z0, xs, init=init, throw=False,
-                                                           jacobian=cfg.jacobian, method=cfg.method).states @ R
+                                                           jacobian=cfg.jacobian, method=cfg.method,
+                                                           adjoint=cfg.adjoint).states @ R
                                                       - targets) ** 2))(p)
 
     def bptt_vg(p, z0, xs, init, targets, R):
@@ -157,7 +159,7 @@ def run(cfg: SolverBench) -> dict:
     if cfg.init == "default":
         init = jnp.broadcast_to(z0, xs.shape)  # what deer() starts from when given no init
     opts = dict(jacobian=cfg.jacobian, mesh=mesh, init=init, throw=False, method=cfg.method,
-                max_iter=200)
+                max_iter=200, adjoint=cfg.adjoint)
 
     def loss_of(states):
         return jnp.mean((states @ R - targets) ** 2)
@@ -222,8 +224,8 @@ def report(res: dict) -> str:
                 f"(XLA estimate, not run) DEER value+grad {res['deer_value_grad_bytes'] / 2**30:.2f} GiB, "
                 f"BPTT value+grad {res['bptt_value_grad_bytes'] / 2**30:.2f} GiB")
     lines = [f"T={res['T']} M={res['latent']} L={res['hidden']} devices={res['devices']} "
-             f"jacobian={res['jacobian']} ({res['jacobian_source']}) init={res['init']} alpha={res['alpha']:.3f} "
-             f"backend={res['backend']} ({res['device_kind']})",
+             f"jacobian={res['jacobian']} ({res['jacobian_source']}) adjoint={res['adjoint'] or 'default'} "
+             f"init={res['init']} alpha={res['alpha']:.3f} backend={res['backend']} ({res['device_kind']})",
              f"  Newton iterations {res['newton_iterations']}  converged {res['converged']}  "
              f"residual {res['residual']:.2e}  (warm start: {res['newton_iterations_warm']} iterations, "
              f"converged {res['converged_warm']}); {res['per_iteration_s'] * 1e3:.2f} ms per iteration"]

@@ -23,6 +23,10 @@ from distdeer.solver.newton import Dynamics, Options, Result, Solution, solve_sl
 JACOBIANS = ("dense", "diagonal")
 # Quasi-Newton (diagonal) converges linearly, Newton (dense) quadratically once near the solution.
 DEFAULT_MAX_ITER = {"dense": 50, "diagonal": 200}
+# The adjoint takes dense maps (one reverse scan) while they hold at most this many floats (256 MiB),
+# else the matrix-free diagonal sweeps (O(T M) memory).  The sweeps converge linearly: measured at
+# T = 10^5 (docs/benchmarks.md), 20–40 of them cost 2–15× the one dense scan at M = 3 and 16.
+DENSE_ADJOINT_FLOATS = 2 ** 26
 
 
 class SolverError(RuntimeError):
@@ -106,8 +110,18 @@ def _dynamics(step, jac, jac_diag) -> Dynamics:
                     jac_diag if jac_diag is not None else getattr(step, "jac_diag", None))
 
 
+def _adjoint_kind(adjoint, jacobian: str, T: int, m: int) -> str:
+    """The adjoint's maps: as given; by default dense after a dense solve (whose maps it holds anyway), and
+    after a diagonal solve dense while T·M² ≤ ``DENSE_ADJOINT_FLOATS``."""
+    if adjoint is None:
+        return "dense" if jacobian == "dense" or T * m * m <= DENSE_ADJOINT_FLOATS else "diagonal"
+    if adjoint not in JACOBIANS:
+        raise ValueError(f"deer: adjoint must be one of {JACOBIANS} or None, got {adjoint!r}")
+    return adjoint
+
+
 def _options(T, z0, jacobian, max_iter, atol, rtol, method, block, axis_name, sync_axes, fallback,
-             adjoint_max_iter, chunk) -> Options:
+             adjoint, adjoint_max_iter, chunk) -> Options:
     d_atol, d_rtol = default_tolerances(z0.dtype)
     method = method or scan.default_method()
     if method not in scan.METHODS:
@@ -121,12 +135,13 @@ def _options(T, z0, jacobian, max_iter, atol, rtol, method, block, axis_name, sy
     return Options(length=T, jacobian=jacobian, max_iter=int(max_iter),
                    atol=float(d_atol if atol is None else atol), rtol=float(d_rtol if rtol is None else rtol),
                    method=method, block=block, axis_name=axis_name, sync_axes=tuple(sync_axes),
-                   fallback=bool(fallback), adjoint_max_iter=int(adjoint_max_iter),
+                   fallback=bool(fallback), adjoint=_adjoint_kind(adjoint, jacobian, T, z0.shape[-1]),
+                   adjoint_max_iter=int(adjoint_max_iter),
                    chunk=None if chunk is None else int(chunk))
 
 
 SOLVER_OPTIONS = dict(jacobian="dense", max_iter=None, atol=None, rtol=None, jac=None, jac_diag=None,
-                      fallback=False, method=None, block=None, adjoint_max_iter=200,
+                      fallback=False, method=None, block=None, adjoint=None, adjoint_max_iter=200,
                       chunk=chunks.DEFAULT_CHUNK)
 
 
@@ -140,13 +155,14 @@ def _solver_options(given: dict) -> dict:
 
 
 def _prepare(step, params, z0, xs, init, *, batch, mesh, mesh_axes, time_axis, sync_axes, length,
-             jacobian, max_iter, atol, rtol, jac, jac_diag, fallback, method, block, adjoint_max_iter, chunk):
+             jacobian, max_iter, atol, rtol, jac, jac_diag, fallback, method, block, adjoint, adjoint_max_iter,
+             chunk):
     """Shared prologue of the entry points: validate, build Dynamics and Options, default the guess.
 
     ``length``: the number of real steps (None: all of xs).  Returns (dyn, opts, z0, init)."""
     z0, T = _check_inputs(step, params, z0, xs, init, jacobian, mesh, mesh_axes, batch)
     opts = _options(T if length is None else int(length), z0, jacobian, max_iter, atol, rtol, method, block,
-                    time_axis, sync_axes, fallback, adjoint_max_iter, chunk)
+                    time_axis, sync_axes, fallback, adjoint, adjoint_max_iter, chunk)
     if init is None:
         lead = z0.shape[:-1] + (T,)
         init = jnp.broadcast_to(jnp.expand_dims(z0, -2), lead + z0.shape[-1:])
@@ -223,6 +239,7 @@ def deer(
     fallback: bool = False,
     method: str | None = None,
     block: int | None = None,
+    adjoint: str | None = None,
     adjoint_max_iter: int = 200,
     chunk: int | None = chunks.DEFAULT_CHUNK,
 ) -> Solution:
@@ -248,7 +265,11 @@ def deer(
       fallback: when Newton fails, finish with sequential sweeps (exact states,
         ``result=FALLBACK``).  Under ``vmap`` both branches run, so the sequential cost is always paid.
       method, block: local scan method (``"blocked"`` | ``"associative"``) and block length.
-      adjoint_max_iter: iteration limit of the matrix-free adjoint (diagonal mode).
+      adjoint: how the gradient's reverse recurrence is solved, whatever ``jacobian`` is: ``"dense"`` (one
+        reverse scan of the dense maps ``A_t``; T·M² floats) or ``"diagonal"`` (matrix-free VJP sweeps
+        preconditioned by ``diag A_t``; T·M floats, iterated).  Both give the exact gradient.  Default:
+        dense, except after a diagonal solve with T·M² > 2^26 (``DENSE_ADJOINT_FLOATS``).
+      adjoint_max_iter: sweep limit of the diagonal adjoint.
       chunk: steps per chunk when evaluating the step, its Jacobians and VJPs over a device's slice
         (default 2^18): bounds the step's intermediates (e.g. hidden activations) alive at once to
         ``chunk`` steps instead of the whole slice; ``None``: the whole slice at once.
@@ -266,7 +287,8 @@ def deer(
         step, params, z0, xs, init, batch=False, mesh=mesh, mesh_axes=(axis_name,),
         time_axis=axis_name if sharded else None, sync_axes=(axis_name,) if sharded else (), length=None,
         jacobian=jacobian, max_iter=max_iter, atol=atol, rtol=rtol, jac=jac, jac_diag=jac_diag,
-        fallback=fallback, method=method, block=block, adjoint_max_iter=adjoint_max_iter, chunk=chunk)
+        fallback=fallback, method=method, block=block, adjoint=adjoint, adjoint_max_iter=adjoint_max_iter,
+        chunk=chunk)
     T, ext = opts.length, params
     if not sharded:
         sol = solve_slice(dyn, opts, False, ext, z0, xs, init)
@@ -305,7 +327,7 @@ def deer_batch(
     axes); each sequence keeps its own ``iterations``/``converged``/``residual``.  Without a mesh this
     is ``jax.vmap`` of ``deer``.  Fields of the returned ``Solution`` gain a leading batch axis.
     ``options`` are ``deer``'s solver keywords (``jacobian``, ``max_iter``, ``atol``, ``rtol``, ``jac``,
-    ``jac_diag``, ``fallback``, ``method``, ``block``, ``adjoint_max_iter``, ``chunk``), with the same
+    ``jac_diag``, ``fallback``, ``method``, ``block``, ``adjoint``, ``adjoint_max_iter``, ``chunk``), with the same
     defaults.
     """
     axes = (data_axis, time_axis)

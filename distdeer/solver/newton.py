@@ -67,7 +67,8 @@ class Options:
     axis_name: Any  # mesh axis sharding time, or None
     sync_axes: tuple  # every manual mesh axis: loops run in lockstep over all of them
     fallback: bool
-    adjoint_max_iter: int  # diagonal mode only: iterations of the matrix-free adjoint
+    adjoint: str  # "dense": one reverse scan of dense maps; "diagonal": matrix-free sweeps (O(n M) memory)
+    adjoint_max_iter: int  # diagonal adjoint only: its sweeps
     chunk: int | None  # steps per chunk of step/Jacobian/VJP evaluations (chunks.over_time); None: all at once
 
     @property
@@ -289,8 +290,9 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
 
     With ``μ_t = A_tᵀ λ_t`` (design §2.4): ``μ_t = A_tᵀ (g_t + μ_{t+1})`` is a reverse-time affine
     recurrence using only local Jacobians, ``λ_t = g_t + μ_{t+1}``, and one vmapped VJP of the step
-    gives ``∂ℓ/∂θ = Σ_t (∂f_t/∂θ)ᵀ λ_t``, ``∂ℓ/∂x_t``, and ``∂ℓ/∂z_0 = μ_1``.  In diagonal mode ``A_t`` is
-    never formed: ``μ`` is found by the exact splitting ``A = D + (A − D)``, iterating
+    gives ``∂ℓ/∂θ = Σ_t (∂f_t/∂θ)ᵀ λ_t``, ``∂ℓ/∂x_t``, and ``∂ℓ/∂z_0 = μ_1``.  The dense adjoint
+    (``opts.adjoint``, whatever the forward's maps were) solves that recurrence by one reverse scan.  The
+    diagonal adjoint never forms ``A_t``: ``μ`` is found by the exact splitting ``A = D + (A − D)``, iterating
     ``μ^{k+1}_t = D_t μ^{k+1}_{t+1} + (A_tᵀ λ^k_t − D_t μ^k_{t+1})`` (VJPs, diagonal scans).  Memory: the
     step's VJPs run chunk by chunk (``opts.chunk``) and λ is formed only a chunk at a time.
     """
@@ -309,10 +311,11 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
     zero = vma.vary(jnp.zeros((m,), Z.dtype), vma.of(z0))
     reverse_solve = partial(scan.solve, h0=zero, reverse=True, axis_name=ax, method=opts.method,
                             block=opts.block)
-    A = jacobians(dyn, opts.diagonal, params, zprev, xs, opts.chunk)
+    sweeps = opts.adjoint == "diagonal"
+    A = jacobians(dyn, sweeps, params, zprev, xs, opts.chunk)
     A = _keep_valid(A, valid, 0.0, padded)
     adjoint_ok = jnp.bool_(True)
-    if not opts.diagonal:
+    if not sweeps:
         mu, mu_in = reverse_solve(A, scan.apply(A, g, diagonal=False, transpose=True),
                                   diagonal=False, transpose=True)
     else:
