@@ -92,6 +92,12 @@ class SolverConfig:
     jacobian: Jacobian = "dense"  # dense: Newton (O(M³) per step); diagonal: quasi-DEER (O(M) per step)
     max_iter: int = 50  # Newton iterations per solve before it counts as failed
     fallback: bool = True  # finish a failed Newton solve sequentially (exact) instead of skipping the step
+    # The gradient's reverse recurrence: dense (one reverse scan of dense maps) or diagonal (matrix-free
+    # sweeps, O(T·M) memory, iterated); null: dense, unless after a diagonal solve T·M² > 2^26 floats.
+    adjoint: Jacobian | None = None
+    # Steps per chunk when the step, its Jacobians and VJPs are evaluated over a device's slice: bounds
+    # the step's intermediates (hidden activations, chunk × L floats) alive at once.
+    chunk: int = 2 ** 18
 
 
 @dataclasses.dataclass
@@ -178,7 +184,7 @@ def _choices(cls, prefix: str = "") -> dict[str, tuple]:
 
 CHOICES = _choices(Config)
 POSITIVE = ("data.steps", "data.dt", "model.latent", "model.hidden", "gtf.every", "gtf.decay", "gtf.sample",
-            "solver.max_iter", "train.steps", "train.batch", "train.lr", "train.lr_end", "train.log_every",
+            "solver.max_iter", "solver.chunk", "train.steps", "train.batch", "train.lr", "train.lr_end", "train.log_every",
             "checkpoint.every", "checkpoint.keep", "train.seq_len", "mesh.devices",
             "mesh.hosts", "mesh.devices_per_host", "ray.watchdog_s", "ray.startup_s", "ray.cpus_per_host")
 NON_NEGATIVE = ("data.noise", "model.nonlinear", "model.unforced_init", "train.clip", "train.lambda_lat", "train.noise", "ray.max_failures")

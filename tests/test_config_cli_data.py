@@ -35,6 +35,8 @@ def test_config_round_trip_and_overrides(tmp_path):
     (["train.lr_end=1"], "must not exceed"),
     (["model=3"], "expected a mapping"),
     (["nokey"], "dotted.key=value"),
+    (["solver.chunk=0"], "solver.chunk: must be > 0"),
+    (["solver.adjoint=sweeps"], "solver.adjoint: expected"),
 ])
 def test_config_errors(overrides, needle):
     with pytest.raises(config.ConfigError, match=needle):

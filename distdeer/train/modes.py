@@ -77,7 +77,7 @@ class _Base:
         self.cfg, self.model, self.mesh, self.steps = cfg, model, mesh, steps
         self.mask = model.forced_mask()
         self.solver_kw = dict(jacobian=cfg.solver.jacobian, max_iter=cfg.solver.max_iter,
-                              fallback=cfg.solver.fallback)
+                              fallback=cfg.solver.fallback, adjoint=cfg.solver.adjoint, chunk=cfg.solver.chunk)
 
     def forced(self, alpha) -> ForcedStep:
         return ForcedStep(self.model.F, alpha, self.mask, self.model.jac, self.model.jac_diag)
