@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--devices", type=_positive("--devices"), default=1,
                    help="devices to shard time over (on CPU: simulated devices)")
     s.add_argument("--jacobian", choices=CHOICES["solver.jacobian"], default="dense")
-    s.add_argument("--method", choices=("blocked", "associative"), default=None,
-                   help="local scan (default: blocked on CPU, associative on accelerators)")
+    s.add_argument("--method", choices=("sequential", "blocked", "associative"), default=None,
+                   help="local scan (default: sequential on CPU, associative on accelerators)")
     s.add_argument("--alpha", type=float, default=None,
                    help="GTF forcing strength (default: estimated, 1 - 1/geometric-mean Jacobian norm)")
     s.add_argument("--repeats", type=_positive("--repeats"), default=3, help="timed repetitions (best is kept)")

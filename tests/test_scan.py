@@ -23,8 +23,8 @@ def reference(A, b, h, diagonal, transpose, reverse):
     return z
 
 
-@pytest.mark.parametrize("method,block", [("blocked", None), ("blocked", 7), ("blocked", 1), ("blocked", 500),
-                                          ("associative", None)])
+@pytest.mark.parametrize("method,block", [("sequential", None), ("blocked", None), ("blocked", 7), ("blocked", 1),
+                                          ("blocked", 500), ("associative", None)])
 @pytest.mark.parametrize("diagonal", [False, True])
 @pytest.mark.parametrize("transpose,reverse", [(False, False), (True, True), (False, True)])
 def test_solve_matches_loop(method, block, diagonal, transpose, reverse):
@@ -41,14 +41,20 @@ def test_solve_matches_loop(method, block, diagonal, transpose, reverse):
     np.testing.assert_array_equal(h_in, h)
 
 
-def test_summary_is_the_slice_map():
+@pytest.mark.parametrize("diagonal,transpose,reverse", [(False, False, False), (False, True, True), (True, False, True)])
+def test_summary_is_the_slice_map(diagonal, transpose, reverse):
+    """The slice summary maps the incoming state to the outgoing one (the last state, or the first when
+    the recurrence runs backwards), for every method."""
     n, m = 50, 3
-    A = 0.5 * jax.random.normal(jax.random.PRNGKey(0), (n, m, m))
+    A = 0.5 * jax.random.normal(jax.random.PRNGKey(0), (n, m) if diagonal else (n, m, m))
     b = jax.random.normal(jax.random.PRNGKey(1), (n, m))
+    h = jax.random.normal(jax.random.PRNGKey(2), (m,))
     for method in scan.METHODS:
-        summary, finish = scan.local_pass(A, b, diagonal=False, method=method, block=8)
-        h = jax.random.normal(jax.random.PRNGKey(2), (m,))
-        np.testing.assert_allclose(summary.S @ h + summary.s, finish(h)[-1], rtol=1e-5, atol=1e-6)
+        summary, finish = scan.local_pass(A, b, diagonal=diagonal, transpose=transpose, reverse=reverse,
+                                          method=method, block=8)
+        out = finish(h)[0 if reverse else -1]
+        np.testing.assert_allclose(scan.apply(summary.S, h, diagonal=diagonal) + summary.s, out, rtol=1e-5,
+                                   atol=1e-6)
 
 
 def test_unknown_method():

@@ -264,7 +264,8 @@ def deer(
       jac, jac_diag: analytic ``∂step/∂z`` ``(params, z, x) -> (M, M)`` / ``(M,)``; default autodiff.
       fallback: when Newton fails, finish with sequential sweeps (exact states,
         ``result=FALLBACK``).  Under ``vmap`` both branches run, so the sequential cost is always paid.
-      method, block: local scan method (``"blocked"`` | ``"associative"``) and block length.
+      method, block: local scan method (``"sequential"`` | ``"blocked"`` | ``"associative"``; default
+        sequential on CPU, associative on accelerators) and the blocked scan's block length.
       adjoint: how the gradient's reverse recurrence is solved, whatever ``jacobian`` is: ``"dense"`` (one
         reverse scan of the dense maps ``A_t``; T·M² floats) or ``"diagonal"`` (matrix-free VJP sweeps
         preconditioned by ``diag A_t``; T·M floats, iterated).  Both give the exact gradient.  Default:

@@ -62,7 +62,7 @@ class Options:
     max_iter: int
     atol: float
     rtol: float
-    method: str  # local scan: "blocked" or "associative" (scan.METHODS)
+    method: str  # local scan: "sequential", "blocked" or "associative" (scan.METHODS)
     block: int | None  # block length of the blocked scan; None: ≈ √n
     axis_name: Any  # mesh axis sharding time, or None
     sync_axes: tuple  # every manual mesh axis: loops run in lockstep over all of them

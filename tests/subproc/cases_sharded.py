@@ -183,3 +183,18 @@ def test_chunked_batch_on_data_time_mesh():
     seq = jax.vmap(lambda p, z, x: sequential(step, p, z, x), in_axes=(None, 0, 0))
     np.testing.assert_allclose(jax.jit(f)(params, z0, xs), seq(params, z0, xs), atol=5e-5)
     assert rel_err(loss_grads(f, params, z0, xs), loss_grads(seq, params, z0, xs)) < 1e-4
+
+
+@pytest.mark.parametrize("method,n,jacobian", [("blocked", 4, "dense"), ("blocked", 3, "diagonal"),
+                                               ("associative", 8, "dense"), ("associative", 2, "diagonal")])
+def test_every_local_scan_method_sharded(method, n, jacobian):
+    """The non-default local scans (the accelerators' associative scan, the blocked scan) across devices,
+    forward and adjoint, against the sequential states and BPTT."""
+    step, params, z0, xs = problem("clipped", T_CASES)
+    mesh = mesh_of(n, "explicit" if n % 2 == 0 else "auto")
+    ref, g_ref = sequential_reference("clipped", T_CASES)
+    solve = lambda p, z, x: deer(step, p, z, x, jacobian=jacobian, mesh=mesh, method=method)  # noqa: E731
+    sol, g = solve_and_grads(solve, params, z0, xs)
+    assert bool(sol.converged)
+    np.testing.assert_allclose(sol.states, ref, atol=5e-5, rtol=1e-4)
+    assert rel_err(g, g_ref) < 1e-4
