@@ -27,7 +27,7 @@ Three local methods:
 * ``"sequential"``: one ``lax.scan`` over the slice's steps, ``z_t = A_t z_{t−1} + b_t``: work ``n M²``
   (matrix–vector products), no stored prefixes.  On a mesh the summary adds the composite map (a second
   scan of ``n`` M×M products) and the outgoing state from a zero incoming one (a third); on one device
-  XLA drops both.  Fastest on CPU, where a device runs its slice on one core anyway: 18.9 ms vs 112 ms
+  XLA drops both.  Fastest on CPU, where a device runs its slice on one core anyway: 18 ms vs 100 ms
   for the blocked scan per dense M = 16 solve at n = 10^5 (docs/benchmarks.md, "Local scan").
 * ``"blocked"``: cut the slice into ``B`` contiguous blocks of ``K`` steps; a ``K``-step sequential
   scan vectorised over blocks composes each block's map, a ``B``-step scan passes the state from block
@@ -116,20 +116,32 @@ def local_pass(
 def _sequential_pass(A, b, diagonal, transpose, reverse):
     n, m = b.shape
 
-    def run(h):
-        def one(z, ab):
-            z = apply(ab[0], z, diagonal=diagonal, transpose=transpose) + ab[1]
-            return z, z
+    def position(k):
+        return n - 1 - k if reverse else k
 
-        return lax.scan(one, vma.like(h, A, b), (A, b), reverse=reverse)
+    def advance(k, z, offsets):
+        a = lax.dynamic_index_in_dim(A, position(k), keepdims=False)
+        c = lax.dynamic_index_in_dim(offsets, position(k), keepdims=False)
+        return apply(a, z, diagonal=diagonal, transpose=transpose) + c
+
+    # The states overwrite the offsets they are computed from, step by step, in the carried buffer:
+    # where the caller no longer needs b, XLA reuses its memory (as in the blocked scan).
+    def finish(h):
+        def one(k, carry):
+            z, out = carry
+            z = advance(k, z, out)
+            return z, lax.dynamic_update_index_in_dim(out, z, position(k), 0)
+
+        return lax.fori_loop(0, n, one, vma.like((h, b), A, b))[1]
 
     # The summary is only used on a mesh (incoming_state); on one device XLA drops both loops.
-    def compose_one(S, a):
-        return compose(a, S, diagonal=diagonal, transpose=transpose), None
+    def compose_one(k, S):
+        a = lax.dynamic_index_in_dim(A, position(k), keepdims=False)
+        return compose(a, S, diagonal=diagonal, transpose=transpose)
 
-    S, _ = lax.scan(compose_one, vma.like(identity((), m, A.dtype, diagonal=diagonal), A), A, reverse=reverse)
-    s, _ = run(jnp.zeros((m,), b.dtype))
-    return Summary(S, s), lambda h: run(h)[1]
+    S = lax.fori_loop(0, n, compose_one, vma.like(identity((), m, A.dtype, diagonal=diagonal), A))
+    s = lax.fori_loop(0, n, lambda k, z: advance(k, z, b), vma.like(jnp.zeros((m,), b.dtype), A, b))
+    return Summary(S, s), finish
 
 
 def _blocked_pass(A, b, diagonal, transpose, reverse, K):
