@@ -79,8 +79,8 @@ def length(seqs) -> int:
 def over_time(fn: Callable[[Any], tuple[Any, Any]], seqs: Any, chunk: int | None) -> tuple[Any, Any]:
     """``fn(part) -> (total, rows)`` over consecutive time chunks of ``seqs``.
 
-    ``seqs``: pytree of arrays (or ``Shifted``) with leading time axis ``n``; ``fn`` receives the same pytree cut to a
-    chunk of ``k`` steps and returns ``total`` (a pytree summed over chunks, e.g. a parameter
+    ``seqs``: pytree of arrays (or ``Shifted``) with leading time axis ``n``; ``fn`` receives the same
+    pytree cut to a chunk of ``k`` steps and returns ``total`` (a pytree summed over chunks, e.g. a parameter
     cotangent) and ``rows`` (a pytree of arrays with leading axis ``k``, put together over chunks back
     to ``n``).  Full chunks run in a ``lax.fori_loop``, the remainder (odd n) in one more call.
     """
@@ -88,14 +88,10 @@ def over_time(fn: Callable[[Any], tuple[Any, Any]], seqs: Any, chunk: int | None
     if chunk is None or n <= chunk:
         return fn(jax.tree.map(whole, seqs, is_leaf=_is_seq))
     full, rest = divmod(n, chunk)
-
-    def part(start, size):
-        return cut(seqs, start, size)
-
     # The first chunk runs outside the loop: its results give the types (shapes and varying mesh axes)
     # of the loop's carry.  Rows are written into one preallocated buffer in place: collecting them
     # and concatenating would hold a second copy (4 GiB of dense Jacobians at n = 2^22, M = 16).
-    total, first = fn(part(0, chunk))
+    total, first = fn(cut(seqs, 0, chunk))
     out = jax.tree.map(lambda r: lax.dynamic_update_slice_in_dim(
         vma.like(jnp.zeros((n,) + r.shape[1:], r.dtype), r), r, 0, 0), first)
 
@@ -104,12 +100,12 @@ def over_time(fn: Callable[[Any], tuple[Any, Any]], seqs: Any, chunk: int | None
 
     def body(i, carry):
         acc, out = carry
-        t, rows = fn(part(i * chunk, chunk))
+        t, rows = fn(cut(seqs, i * chunk, chunk))
         return jax.tree.map(jnp.add, acc, vma.like(t, acc)), write(out, rows, i * chunk)
 
     total, out = lax.fori_loop(1, full, body, (total, out))
     if rest:
-        t, tail = fn(part(full * chunk, rest))
+        t, tail = fn(cut(seqs, full * chunk, rest))
         total, out = jax.tree.map(jnp.add, total, t), write(out, tail, full * chunk)
     return total, out
 

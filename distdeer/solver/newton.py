@@ -289,7 +289,7 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
     """Cotangents (params, z0, xs) for the cotangent ``g`` (n, M) of the states.
 
     With ``μ_t = A_tᵀ λ_t`` (design §2.4): ``μ_t = A_tᵀ (g_t + μ_{t+1})`` is a reverse-time affine
-    recurrence using only local Jacobians, ``λ_t = g_t + μ_{t+1}``, and one vmapped VJP of the step
+    recurrence using only local Jacobians, ``λ_t = g_t + μ_{t+1}``, and one pass of the step's VJP
     gives ``∂ℓ/∂θ = Σ_t (∂f_t/∂θ)ᵀ λ_t``, ``∂ℓ/∂x_t``, and ``∂ℓ/∂z_0 = μ_1``.  The dense adjoint
     (``opts.adjoint``, whatever the forward's maps were) solves that recurrence by one reverse scan.  The
     diagonal adjoint never forms ``A_t``: ``μ`` is found by the exact splitting ``A = D + (A − D)``, iterating
@@ -327,7 +327,7 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
             μ, ``‖A_tᵀ λ_t − μ_t‖`` against the tolerance.  Per chunk, so that A_tᵀ λ_t and λ are never
             whole slices (memory)."""
             zp, x, g_c, ahead_c, valid_c, A_c, mu_c = part
-            atl = vjp_z(zp, x, _keep_valid(g_c + ahead_c, valid_c, 0.0, padded))
+            atl = vjp_z(zp, x, _cotangent_rows((g_c, ahead_c, valid_c), padded))
             return atl - A_c * ahead_c, _excess(mu_c, atl, opts)
 
         def sweep(c):
@@ -363,15 +363,14 @@ def _adjoint(dyn: Dynamics, opts: Options, params, z0, xs, Z, usable, g):
     def pull_back(part):
         zp, x, rest = part
         _, vjp_all = jax.vjp(lambda p, u: steps(dyn, p, zp, u), params_v, x)
-        d_p, d_x = vjp_all(scale * _cotangent_rows(rest, padded))
-        return d_p, d_x
+        return vjp_all(scale * _cotangent_rows(rest, padded))
 
     # Chunk by chunk: the step's intermediates that the VJP needs live for one chunk at a time, and
     # the parameter cotangent Σ_t (∂f_t/∂θ)ᵀ λ_t is summed as the chunks go.
-    ahead = chunks.Shifted(mu, mu_in, -1)
-    d_params, d_xs = chunks.over_time(pull_back, (zprev, xs, (g, ahead, valid)), opts.chunk)
+    seqs = (zprev, xs, (g, chunks.Shifted(mu, mu_in, -1), valid))
+    d_params, d_xs = chunks.over_time(pull_back, seqs, opts.chunk)
     # ∂ℓ/∂z_0 = (∂f_1/∂z_0)ᵀ λ_1 needs the first step only (not a VJP w.r.t. all n states).
-    zp1, x1, rest1 = chunks.cut((zprev, xs, (g, ahead, valid)), 0, 1)
+    zp1, x1, rest1 = chunks.cut(seqs, 0, 1)
     d_z0 = jax.vjp(lambda z: steps(dyn, params, z, x1), zp1)[1](scale * _cotangent_rows(rest1, padded))[0][0]
     if ax is not None:
         d_z0 = jnp.where(lax.axis_index(ax) == 0, d_z0, 0.0)

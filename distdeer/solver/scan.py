@@ -24,9 +24,9 @@ A slice is solved in two stages so that the same code runs on one device and tim
 
 Three local methods:
 
-* ``"sequential"``: one ``lax.scan`` over the slice's steps, ``z_t = A_t z_{t−1} + b_t``: work ``n M²``
+* ``"sequential"``: one loop over the slice's steps, ``z_t = A_t z_{t−1} + b_t``: work ``n M²``
   (matrix–vector products), no stored prefixes.  On a mesh the summary adds the composite map (a second
-  scan of ``n`` M×M products) and the outgoing state from a zero incoming one (a third); on one device
+  loop of ``n`` M×M products) and the outgoing state from a zero incoming one (a third); on one device
   XLA drops both.  Fastest on CPU, where a device runs its slice on one core anyway: 18 ms vs 100 ms
   for the blocked scan per dense M = 16 solve at n = 10^5 (docs/benchmarks.md, "Local scan").
 * ``"blocked"``: cut the slice into ``B`` contiguous blocks of ``K`` steps; a ``K``-step sequential

@@ -37,18 +37,32 @@ CASES = [(8, name, jac) for name, jac in (("shplrnn", "dense"), ("shplrnn", "dia
 T_CASES = 4099  # odd: padding on every device count
 
 
-@pytest.mark.parametrize("n,name,jacobian", CASES)
-def test_sharded_states_and_gradients(n, name, jacobian):
+def check_sharded(n, name, **options):
+    """``deer`` on n devices with ``options`` against the sequential states and BPTT's gradients
+    (T_CASES steps); returns the Solution."""
     step, params, z0, xs = problem(name, T_CASES)
     mesh = mesh_of(n, "explicit" if n % 2 == 0 else "auto")
     ref, g_ref = sequential_reference(name, T_CASES)
-    # The matrix-free diagonal adjoint on 3 and 8 devices; elsewhere the default (dense maps at this size).
-    adjoint = "diagonal" if jacobian == "diagonal" and n in (3, 8) else None
-    solve = lambda p, z, x: deer(step, p, z, x, jacobian=jacobian, mesh=mesh, adjoint=adjoint)  # noqa: E731
-    sol, g = solve_and_grads(solve, params, z0, xs)
-    assert bool(sol.converged) and sol.states.shape == (T_CASES, xs.shape[1] if name != "gru" else 4)
+    sol, g = solve_and_grads(lambda p, z, x: deer(step, p, z, x, mesh=mesh, **options), params, z0, xs)
+    assert bool(sol.converged)
     np.testing.assert_allclose(sol.states, ref, atol=5e-5, rtol=1e-4)
     assert rel_err(g, g_ref) < 1e-4
+    return sol
+
+
+def gru_batch(B, T):
+    """(step, params, z0 (B, 4), xs (B, T, 2)): B independent GRU sequences."""
+    step, params, _, _ = problem("gru", T)
+    return (step, params, 0.1 * jax.random.normal(jax.random.PRNGKey(1), (B, 4)),
+            jax.random.normal(jax.random.PRNGKey(2), (B, T, 2)))
+
+
+@pytest.mark.parametrize("n,name,jacobian", CASES)
+def test_sharded_states_and_gradients(n, name, jacobian):
+    # The matrix-free diagonal adjoint on 3 and 8 devices; elsewhere the default (dense maps at this size).
+    adjoint = "diagonal" if jacobian == "diagonal" and n in (3, 8) else None
+    sol = check_sharded(n, name, jacobian=jacobian, adjoint=adjoint)
+    assert sol.states.shape == (T_CASES, 4)
 
 
 def test_iterations_do_not_depend_on_device_count():
@@ -84,9 +98,7 @@ def test_inputs_already_sharded_along_time():
 @pytest.mark.parametrize("kind,shape", [("explicit", (2, 4)), ("auto", (4, 2))])
 def test_batch_on_data_time_mesh(kind, shape):
     B, T = 3, 1001  # neither divisible by the mesh
-    step, params, _, _ = problem("gru", T)
-    z0 = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (B, 4))
-    xs = jax.random.normal(jax.random.PRNGKey(2), (B, T, 2))
+    step, params, z0, xs = gru_batch(B, T)
     mesh = mesh_of(8, kind, ("data", "time"), shape)
     seq = jax.vmap(lambda p, z, x: sequential(step, p, z, x), in_axes=(None, 0, 0))
     sol, g = solve_and_grads(lambda p, z, x: deer_batch(step, p, z, x, mesh=mesh), params, z0, xs)
@@ -97,10 +109,7 @@ def test_batch_on_data_time_mesh(kind, shape):
 
 
 def test_vmap_around_a_sharded_call():
-    B, T = 2, 640
-    step, params, _, _ = problem("gru", T)
-    z0 = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (B, 4))
-    xs = jax.random.normal(jax.random.PRNGKey(2), (B, T, 2))
+    step, params, z0, xs = gru_batch(2, 640)
     mesh = mesh_of(4, "auto")
     f = jax.vmap(lambda p, z, x: deer(step, p, z, x, mesh=mesh).states, in_axes=(None, 0, 0))
     seq = jax.vmap(lambda p, z, x: sequential(step, p, z, x), in_axes=(None, 0, 0))
@@ -162,21 +171,11 @@ def test_gtf_on_chaotic_map_sharded():
 def test_chunked_evaluation_sharded(n, name, jacobian, chunk):
     """Chunks smaller than a device's slice (4099 steps: 513 per device on 8, 1367 on 3; 1025 on 4 is one
     chunk plus one step), against the sequential states and BPTT's gradients."""
-    step, params, z0, xs = problem(name, T_CASES)
-    mesh = mesh_of(n, "explicit" if n % 2 == 0 else "auto")
-    ref, g_ref = sequential_reference(name, T_CASES)
-    solve = lambda p, z, x: deer(step, p, z, x, jacobian=jacobian, adjoint=jacobian, mesh=mesh, chunk=chunk)  # noqa: E731
-    sol, g = solve_and_grads(solve, params, z0, xs)
-    assert bool(sol.converged)
-    np.testing.assert_allclose(sol.states, ref, atol=5e-5, rtol=1e-4)
-    assert rel_err(g, g_ref) < 1e-4
+    check_sharded(n, name, jacobian=jacobian, adjoint=jacobian, chunk=chunk)
 
 
 def test_chunked_batch_on_data_time_mesh():
-    B, T = 3, 1001
-    step, params, _, _ = problem("gru", T)
-    z0 = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (B, 4))
-    xs = jax.random.normal(jax.random.PRNGKey(2), (B, T, 2))
+    step, params, z0, xs = gru_batch(3, 1001)
     mesh = mesh_of(8, "explicit", names=("data", "time"), shape=(2, 4))
     f = lambda p, z, x: deer_batch(step, p, z, x, mesh=mesh, jacobian="diagonal", adjoint="diagonal",  # noqa: E731
                                    chunk=100).states
@@ -190,11 +189,4 @@ def test_chunked_batch_on_data_time_mesh():
 def test_every_local_scan_method_sharded(method, n, jacobian):
     """The non-default local scans (the accelerators' associative scan, the blocked scan) across devices,
     forward and adjoint, against the sequential states and BPTT."""
-    step, params, z0, xs = problem("clipped", T_CASES)
-    mesh = mesh_of(n, "explicit" if n % 2 == 0 else "auto")
-    ref, g_ref = sequential_reference("clipped", T_CASES)
-    solve = lambda p, z, x: deer(step, p, z, x, jacobian=jacobian, mesh=mesh, method=method)  # noqa: E731
-    sol, g = solve_and_grads(solve, params, z0, xs)
-    assert bool(sol.converged)
-    np.testing.assert_allclose(sol.states, ref, atol=5e-5, rtol=1e-4)
-    assert rel_err(g, g_ref) < 1e-4
+    check_sharded(n, "clipped", jacobian=jacobian, method=method)
