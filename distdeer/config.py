@@ -25,11 +25,12 @@ class ConfigError(ValueError):
 # The allowed values of every field with a fixed set of them, stated once: validation, the CLI's choices
 # and its help read them from here (``CHOICES``).
 System = Literal["lorenz63", "rossler", "lorenz96", "slowfast"]
-ModelKind = Literal["shplrnn", "clipped_shplrnn", "alrnn", "plrnn", "custom"]
+ModelKind = Literal["shplrnn", "clipped_shplrnn", "alrnn", "plrnn", "lru", "custom"]
+Block = Literal["glu", "mlp"]
 Readout = Literal["identity", "affine"]
 GTFMode = Literal["adaptive", "constant"]
 NormKind = Literal["max", "geometric", "mean"]
-SolverKind = Literal["deer", "sequential"]
+SolverKind = Literal["deer", "sequential", "scan"]
 Jacobian = Literal["dense", "diagonal"]
 Placement = Literal["STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"]
 Selection = Literal["latest", "train"]
@@ -58,19 +59,30 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    kind: ModelKind = "clipped_shplrnn"  # the latent map F (design §2.1); custom: your own, from model.factory
+    # the latent map F (design §2.1); lru: a Linear Recurrent Unit stack (keys state … block below; latent,
+    # nonlinear, readout and unforced_init do not apply to it); custom: your own, from model.factory
+    kind: ModelKind = "clipped_shplrnn"
     # kind custom: "package.module:function" (importable from the working directory or the environment);
     # function(latent=M, hidden=L) returns {"init": key -> params, "step": (params, z) -> z, optionally
     # "jac": (params, z) -> (M, M) and "jac_diag": (params, z) -> (M,)}; without them Jacobians by autodiff
     factory: str | None = None
-    latent: int = 3  # M
-    hidden: int = 50  # L (shPLRNN family)
+    latent: int = 3  # M (an LRU's state is derived: N + 2 · layers · state real units)
+    hidden: int = 50  # L (shPLRNN family); lru: the width of the residual stream and of each layer's block
     nonlinear: int = 2  # P (ALRNN): units passed through the ReLU
     readout: Readout = "identity"  # identity (the first N units are observed) or affine (x = B z + b)
     # identity readout with M > N: the unforced units' rows of the map's weights (W1, or W) start scaled by
     # this, so their Jacobian block starts near diag(a) — contractive.  GTF does not damp those units, and
     # whole-series DEER converges slowly while they are expansive (docs/results.md, slow–fast)
     unforced_init: float = 1.0
+    # kind lru: complex recurrent units per layer, and layers (each followed by a residual block)
+    state: int = 16
+    layers: int = 1
+    # kind lru: the moduli |λ| of the recurrence's eigenvalues start uniform (by area) in [r_min, r_max];
+    # 1 − r_max sets the slowest time scale the untrained model holds (about 1/(1 − r_max) steps)
+    r_min: float = 0.4
+    r_max: float = 0.99
+    max_phase: float = 0.6283  # kind lru: arg λ starts uniform in [0, max_phase] (radians per step)
+    block: Block = "glu"  # kind lru: the position-wise block after each layer, GLU or MLP (width model.hidden)
 
 
 @dataclasses.dataclass
@@ -88,7 +100,9 @@ class GTFConfig:
 
 @dataclasses.dataclass
 class SolverConfig:
-    kind: SolverKind = "deer"  # deer (GTF-DEER) or sequential (GTF-BPTT through lax.scan: the baseline)
+    # deer (GTF-DEER); sequential (GTF-BPTT through lax.scan: the baseline); scan (model.kind lru at
+    # gtf.alpha 1, constant: teacher forcing makes its recurrence linear, solved exactly by one parallel scan)
+    kind: SolverKind = "deer"
     jacobian: Jacobian = "dense"  # dense: Newton (O(M³) per step); diagonal: quasi-DEER (O(M) per step)
     max_iter: int = 50  # Newton iterations per solve before it counts as failed
     fallback: bool = True  # finish a failed Newton solve sequentially (exact) instead of skipping the step
@@ -184,7 +198,7 @@ def _choices(cls, prefix: str = "") -> dict[str, tuple]:
 
 CHOICES = _choices(Config)
 POSITIVE = ("data.steps", "data.dt", "model.latent", "model.hidden", "gtf.every", "gtf.decay", "gtf.sample",
-            "solver.max_iter", "solver.chunk", "train.steps", "train.batch", "train.lr", "train.lr_end", "train.log_every",
+            "solver.max_iter", "solver.chunk", "model.state", "model.layers", "model.max_phase", "train.steps", "train.batch", "train.lr", "train.lr_end", "train.log_every",
             "checkpoint.every", "checkpoint.keep", "train.seq_len", "mesh.devices",
             "mesh.hosts", "mesh.devices_per_host", "ray.watchdog_s", "ray.startup_s", "ray.cpus_per_host")
 NON_NEGATIVE = ("data.noise", "model.nonlinear", "model.unforced_init", "train.clip", "train.lambda_lat", "train.noise", "ray.max_failures")
@@ -291,6 +305,18 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.factory: set it (package.module:function) exactly when model.kind is custom")
     if cfg.model.kind == "alrnn" and cfg.model.nonlinear > cfg.model.latent:
         raise ConfigError(f"model.nonlinear ({cfg.model.nonlinear}) exceeds model.latent ({cfg.model.latent})")
+    if cfg.model.kind == "lru":
+        if not 0.0 <= cfg.model.r_min < cfg.model.r_max < 1.0:
+            raise ConfigError(f"model.r_min, model.r_max: need 0 <= r_min < r_max < 1, got {cfg.model.r_min}, "
+                              f"{cfg.model.r_max}")
+        if cfg.gtf.mode == "adaptive":
+            raise ConfigError("gtf.mode: adaptive GTF's Jacobian-norm rule does not apply to model.kind lru; "
+                              "use gtf.mode constant (alpha 1: teacher forcing)")
+        if cfg.model.readout != "identity":
+            raise ConfigError("model.readout: an lru model has its own readout; leave readout identity")
+    if cfg.solver.kind == "scan" and (cfg.model.kind != "lru" or cfg.gtf.mode != "constant" or cfg.gtf.alpha != 1.0):
+        raise ConfigError("solver.kind scan: needs model.kind lru with gtf.mode constant and gtf.alpha 1 (teacher "
+                          "forcing; any other forcing makes the recurrence nonlinear: use solver.kind deer)")
     if cfg.train.seq_len is not None and cfg.train.seq_len < 2:
         raise ConfigError(f"train.seq_len: must be >= 2 or null (whole series), got {cfg.train.seq_len}")
     if cfg.train.carry and cfg.train.seq_len is None:

@@ -90,3 +90,82 @@ def rel_err(a, b):
     """Max over leaves of max|a − b| / max|b|."""
     errs = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-30)), a, b)
     return max(jax.tree.leaves(errs))
+
+
+def lru_loop(p: dict, x_in, h0, layers: int, block: str, feedback: bool = False):
+    """An LRU stack written out step by step in numpy float64 (an independent reference for
+    ``distdeer.models.lru``; equations in its docstring).  ``x_in`` (T, N) the inputs, or with ``feedback``
+    only x_in[0] is used and every later input is the previous prediction (free run).  ``h0`` (K, S)
+    complex.  Returns predictions (T, N) and states (T, K, S)."""
+    import numpy as np
+
+    q = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    lam = np.exp(-np.exp(q["nu"]) + 1j * np.exp(q["theta"]))
+    gelu = lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))  # noqa: E731
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    h = np.array(h0, np.complex128)
+    preds, states = [], []
+    x = np.asarray(x_in[0], np.float64)
+    for t in range(len(x_in)):
+        if not feedback:
+            x = np.asarray(x_in[t], np.float64)
+        u = q["W_e"] @ x + q["b_e"]
+        for k in range(layers):
+            mu, var = u.mean(), ((u - u.mean()) ** 2).mean()
+            v = (u - mu) / np.sqrt(var + 1e-5) * q["norm_scale"][k] + q["norm_bias"][k]
+            h[k] = lam[k] * h[k] + np.exp(q["gamma_log"][k]) * ((q["B_re"][k] + 1j * q["B_im"][k]) @ v)
+            y = ((q["C_re"][k] + 1j * q["C_im"][k]) @ h[k]).real + q["D"][k] * v
+            if block == "glu":
+                g = gelu(y)
+                out = (q["W1"][k] @ g + q["b1"][k]) * sigmoid(q["W2"][k] @ g + q["b2"][k])
+            else:
+                out = q["W2"][k] @ gelu(q["W1"][k] @ y + q["b1"][k]) + q["b2"][k]
+            u = u + out
+        x = q["W_o"] @ u + q["b_o"]
+        preds.append(x)
+        states.append(h.copy())
+    return np.array(preds), np.array(states)
+
+
+def lru_problem(T: int, layers: int = 2, block: str = "glu", seed: int = 0, dtype=jnp.float32, scale: float = 0.3):
+    """(model, params with every weight non-zero, x (T + 1, 3)): an LRU stack on a noisy Lorenz series
+    (standardised); ``scale``: the size of the block matrices (large: an expansive, wild free run).
+    The zero-initialised block matrix is filled in so that every path of the stack is exercised."""
+    from distdeer import config as config_mod
+    from distdeer.models import Model
+
+    cfg = config_mod.load(None, ["model.kind=lru", "gtf.mode=constant", "model.hidden=6", "model.state=3",
+                                 f"model.layers={layers}", f"model.block={block}", "model.max_phase=1.0"])
+    model = Model.from_config(cfg.model, 3)
+    params = model.init(jax.random.PRNGKey(seed))
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), 4)
+    F = dict(params["F"])
+    F["W1"] = scale * jax.random.normal(keys[0], F["W1"].shape)
+    F["W2"] = scale * jax.random.normal(keys[1], F["W2"].shape)
+    F["b_o"] = 0.1 * jax.random.normal(keys[2], F["b_o"].shape)
+    params = {"F": F, "readout": {"L": 0.2 * jax.random.normal(keys[3], params["readout"]["L"].shape)}}
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
+    x = noisy_lorenz(T, seed=seed)
+    return model, params, ((x - x.mean(0)) / x.std(0)).astype(dtype)
+
+
+def logged_losses(run_dir) -> dict:
+    """{step: loss} from a run directory's metrics.jsonl."""
+    import json
+    import os
+
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def train_on_devices(run_dir, devices: int, *overrides):
+    """``distdeer train configs/lorenz63.yaml OVERRIDES run.dir=RUN_DIR`` in a subprocess that sees
+    ``devices`` simulated CPU devices (from the repository root)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run([sys.executable, "-m", "distdeer.cli", "train", "configs/lorenz63.yaml", *overrides,
+                           f"run.dir={run_dir}"], cwd=root, env=env, capture_output=True, text=True, timeout=600)

@@ -5,8 +5,6 @@ shapes, is one line and exit 2 with nothing written."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,22 +14,15 @@ import pytest
 from distdeer import config
 from distdeer.cli import main
 from distdeer.models import Model
+from problems import logged_losses, train_on_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUSTOM = ["model.kind=custom", "model.factory=examples.tanh_rnn:make", "model.hidden=16", "data.steps=2001",
           "train.log_every=5", "checkpoint.every=10"]
 
 
-def train(run_dir, devices: int, *extra) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.run([sys.executable, "-m", "distdeer.cli", "train", "configs/lorenz63.yaml", *CUSTOM,
-                           f"run.dir={run_dir}", *extra], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-
-
-def losses(run_dir) -> dict[int, float]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+def train(run_dir, devices: int, *extra):
+    return train_on_devices(run_dir, devices, *CUSTOM, *extra)
 
 
 def test_custom_model_trains_on_1_and_4_devices_resumes_and_evaluates(tmp_path):
@@ -41,12 +32,12 @@ def test_custom_model_trains_on_1_and_4_devices_resumes_and_evaluates(tmp_path):
     assert np.isfinite(json.load(open(one / "eval.json"))["D_stsp"]["value"])  # evaluated at the end, like any model
     p4 = train(four, 4, "train.steps=20", "mesh.devices=4")
     assert p4.returncode == 0, p4.stderr[-3000:]
-    l1, l4 = losses(one), losses(four)
+    l1, l4 = logged_losses(one), logged_losses(four)
     assert sorted(l1) == sorted(l4) == [5, 10, 15, 20]
     np.testing.assert_allclose([l4[s] for s in sorted(l4)], [l1[s] for s in sorted(l1)], rtol=1e-4)
     resumed = train(one, 1, "train.steps=20")  # the same command again: restores (and checks) its checkpoint
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "from its checkpoint at step 20" in resumed.stdout and losses(one) == l1
+    assert "from its checkpoint at step 20" in resumed.stdout and logged_losses(one) == l1
 
 
 def test_autodiff_jacobian_of_the_example_equals_its_closed_form():

@@ -39,3 +39,7 @@ def test_float64_on_4_devices():
 
 def test_sharded_training_on_1_2_4_8_devices():
     print(run_suite("tests/subproc/cases_training.py", 8))
+
+
+def test_lru_scan_float64_on_1_2_3_4_8_devices():
+    print(run_suite("tests/subproc/cases_lru.py", 8, JAX_ENABLE_X64="1"))

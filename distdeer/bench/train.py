@@ -111,12 +111,12 @@ def sharded(T: int = 2 ** 16, devices: int = 1, steps: int = 6, latent: int = 3,
     state = TrainState(params, jax.eval_shape(optimizer(cfg).init, params), jnp.float32(0), jnp.int32(0), jnp.int32(0),
                        None)
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a), sharding=rep), state)
-    state = state._replace(mode_state=modes.WarmStart(sds((n * P, latent), rows_sh)))
+    state = state._replace(mode_state=modes.WarmStart(sds((n * P, model.latent), rows_sh)))
     run_step = loop.compile_step(model, cfg, mode, mesh, state, data)
     t0 = time.perf_counter()
     compiled = run_step.jitted.lower(state.mode_state, state._replace(mode_state=None), data).compile()
     kinds = collective_bytes(compiled.as_text())
-    out = {"T": T, "devices": P, "processes": jax.process_count(), "latent": latent, "hidden": hidden,
+    out = {"T": T, "devices": P, "processes": jax.process_count(), "latent": model.latent, "hidden": hidden,
            "overrides": list(overrides), "backend": jax.default_backend(),
            "device_kind": jax.devices()[0].device_kind, "compile_s": time.perf_counter() - t0,
            "collective_bytes_per_step": int(sum(kinds.values())), "collective_bytes_by_kind": kinds,

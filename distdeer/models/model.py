@@ -1,6 +1,8 @@
 """A latent model with its readout, as configured: ``z_t = F_θ(z_{t-1})``, ``x̂_t = G(z_t)``.
 
-Parameters are ``{"F": <model map params>, "readout": <readout params>}``.  Readouts (design §2.2):
+Parameters are ``{"F": <model map params>, "readout": <readout params>}``.  Kind ``lru`` (``models.lru``) is
+the same interface over its Markov state ``[x̂; Re h; Im h]`` (M = N + 2·layers·state, identity readout);
+its forced recurrence at α = 1 is linear (``teacher_forced``).  Readouts (design §2.2):
 
 * ``identity``: ``x̂ = z[:N]``; forcing ``ẑ_t = [x_t; 0]`` on the first N units only; initial state
   ``z_0 = [x_0; L x_0]`` with a learned ``L`` ((M−N) × N) for the unobserved units.
@@ -10,6 +12,7 @@ Parameters are ``{"F": <model map params>, "readout": <readout params>}``.  Read
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
 from typing import Callable
 
@@ -18,7 +21,7 @@ import jax.numpy as jnp
 
 from distdeer.config import ModelConfig
 from distdeer.models import custom as custom_mod
-from distdeer.models import plrnn
+from distdeer.models import lru, plrnn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +34,21 @@ class Model:
     readout: str = "identity"
     unforced_init: float = 1.0  # initial scale of the unforced units' weight rows (ModelConfig)
     factory: str | None = None  # kind "custom": package.module:function (models/custom.py)
+    # kind "lru" (models/lru.py): complex units per layer, layers, ring of |λ| at initialisation, max arg λ,
+    # position-wise block ("glu" or "mlp")
+    state: int = 0
+    layers: int = 0
+    r_min: float = 0.0
+    r_max: float = 1.0
+    max_phase: float = math.pi
+    block: str = "glu"
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, observed: int) -> "Model":
+        if cfg.kind == "lru":  # the state holds the prediction and every layer's complex units
+            return cls("lru", observed + 2 * cfg.layers * cfg.state, observed, cfg.hidden, readout="identity",
+                       state=cfg.state, layers=cfg.layers, r_min=cfg.r_min, r_max=cfg.r_max,
+                       max_phase=cfg.max_phase, block=cfg.block)
         if cfg.readout == "identity" and cfg.latent < observed:
             raise ValueError(f"model.latent ({cfg.latent}) is smaller than the observed dimension "
                              f"({observed}); an identity readout needs latent >= observed")
@@ -60,6 +75,10 @@ class Model:
         if self.kind == "custom":
             c = self.custom()
             return c.step, c.jac, c.jac_diag
+        if self.kind == "lru":
+            step = partial(lru.step, layers=self.layers, state=self.state, block=self.block)
+            return (step, jax.jacfwd(step, argnums=1),
+                    partial(lru.step_jac_diag, layers=self.layers, state=self.state, block=self.block))
         raise ValueError(f"unknown model kind {self.kind!r}")
 
     @property
@@ -83,9 +102,12 @@ class Model:
             F = plrnn.init_alrnn(kf, M)
         elif self.kind == "custom":
             F = self.custom().init(kf)
+        elif self.kind == "lru":
+            F = lru.init(kf, N, self.hidden, self.state, self.layers, self.r_min, self.r_max, self.max_phase,
+                         self.block)
         else:
             F = plrnn.init_plrnn(kf, M)
-        if self.readout == "identity" and M > N and self.unforced_init != 1.0 and self.kind != "custom":
+        if self.readout == "identity" and M > N and self.unforced_init != 1.0 and self.kind not in ("custom", "lru"):
             # The unforced units' rows: their Jacobian block is diag(a) plus `unforced_init` times the
             # default coupling, so it starts contractive for a small factor (GTF does not damp these units).
             W = "W1" if "W1" in F else "W"
@@ -97,6 +119,17 @@ class Model:
             B = jnp.linalg.qr(jax.random.normal(kr, (M, N)))[0].T
             readout = {"B": B, "b": jnp.zeros((N,))}
         return {"F": F, "readout": readout}
+
+    def teacher_forced(self, F_params: dict, z0: jax.Array, zhat: jax.Array, recurrence: Callable) -> jax.Array:
+        """Kind ``lru`` only: the states ``(n, M)`` of the forced recurrence at α = 1 — inputs ``zhat[:, :N]``
+        (the data), z0 the state before the slice's sequence — solved exactly by one ``recurrence`` per layer
+        (``lru.teacher_forced``).  Equal to what DEER or a sequential loop return for ``ForcedStep`` at α = 1."""
+        if self.kind != "lru":
+            raise ValueError(f"model kind {self.kind!r} has no linear forced recurrence (only lru)")
+        N = self.observed
+        h0 = lru.split_state(z0, N, self.layers, self.state)[1]
+        pred, h = lru.teacher_forced(F_params, zhat[:, :N], h0, recurrence, layers=self.layers, block=self.block)
+        return lru.join_state(pred, h)
 
     # -- readout and forcing ---------------------------------------------------------------------
     def forced_mask(self) -> jax.Array:
@@ -126,11 +159,14 @@ class Model:
         return self.forcing(params, x0[None])[0]
 
     def regulariser(self, params: dict, lam: float) -> jax.Array:
-        """``λ (‖1 − a‖² + Σ ‖other map weights‖²)`` (pulls ``a`` towards 1; a custom map: ``λ Σ ‖weights‖²``),
+        """``λ (‖1 − a‖² + Σ ‖other map weights‖²)`` (pulls ``a`` towards 1; a custom map: ``λ Σ ‖weights‖²``;
+        an LRU: ``λ Σ ‖weight matrices‖²``),
         plus for an affine readout ``λ ‖B Bᵀ − I‖²`` so that its pseudo-inverse stays well conditioned."""
         F = params["F"]
         if self.kind == "custom":  # its parameters are the user's pytree: plain weight decay on all of them
             reg = sum(jnp.sum(v ** 2) for v in jax.tree.leaves(F))
+        elif self.kind == "lru":  # weight decay on the matrices; the eigenvalues and norms stay free
+            reg = sum(jnp.sum(F[k] ** 2) for k in lru.MATRICES)
         else:
             reg = jnp.sum((1.0 - F["a"]) ** 2) + sum(jnp.sum(v ** 2) for k, v in F.items() if k != "a")
         if self.readout == "affine":

@@ -84,6 +84,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _finite_or_none(x) -> float | None:
+    """A logged estimate, or null where it was not made (NaN: 𝒩 of an LRU)."""
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
 def check_run_dir(cfg: Config) -> bool:
     """True if the run directory holds a run to resume; refuses (ConfigError) a different config."""
     path = os.path.join(cfg.run.dir, "config.yaml")
@@ -306,7 +312,7 @@ def run(cfg: Config, control: Control | None = None) -> dict:
                 m = jax.device_get(m)
                 now = time.perf_counter()
                 last = {"step": done, "loss": float(m.loss), "mse": float(m.mse), "alpha": float(m.alpha),
-                        "alpha_estimate": float(m.alpha_estimate), "newton_iterations": int(m.newton_iterations),
+                        "alpha_estimate": _finite_or_none(m.alpha_estimate), "newton_iterations": int(m.newton_iterations),
                         "newton_residual": float(m.newton_residual), "converged": bool(m.converged),
                         "result": int(m.result), "lr": float(m.lr), "grad_norm": float(m.grad_norm),
                         "skipped": int(m.skipped),

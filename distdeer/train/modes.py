@@ -16,7 +16,8 @@ The three modes and their state:
 * ``WholeSeries`` (``seq_len: null``): one sequence of T steps, time-sharded over the mesh's ``"time"``
   axis from data to loss (slot layout of ``distdeer.mesh``, per-block loss ``distdeer.train.whole``).
   State: the Newton warm start ``WarmStart.states`` ``(n·P, M)`` (the previous solution, sharded like the
-  data; it changes iterations, not results, so it is not fingerprinted).
+  data; it changes iterations, not results, so it is not fingerprinted).  With ``solver.kind: scan`` (an LRU at α = 1) the
+  solve is the exact time-sharded scan (``whole.teacher_forced``) and the warm start goes unused.
 * ``Windows``: ``train.batch`` windows of ``seq_len`` steps at start indices drawn from ``fold_in(seed,
   step)``, solved as a batch (``deer_batch``; sharded over a ``"data"`` axis), warm-started from the data.
   State: none.
@@ -78,6 +79,8 @@ class _Base:
         self.mask = model.forced_mask()
         self.solver_kw = dict(jacobian=cfg.solver.jacobian, max_iter=cfg.solver.max_iter,
                               fallback=cfg.solver.fallback, adjoint=cfg.solver.adjoint, chunk=cfg.solver.chunk)
+        # 𝒩 along the forced trajectory (adaptive α, and logged): not for an LRU, whose rule does not apply
+        self.sample = None if model.kind == "lru" else cfg.gtf.sample
 
     def forced(self, alpha) -> ForcedStep:
         return ForcedStep(self.model.F, alpha, self.mask, self.model.jac, self.model.jac_diag)
@@ -91,7 +94,7 @@ class WholeSeriesMode(_Base):
     def __init__(self, cfg, model, mesh, steps):
         super().__init__(cfg, model, mesh, steps)
         block = partial(whole.local_loss, model, AlphaInParams(model.F, self.mask, model.jac, model.jac_diag),
-                        whole.solver(cfg.solver.kind, steps, self.solver_kw), steps, cfg.train.noise, cfg.gtf.sample)
+                        whole.solver(cfg.solver.kind, steps, self.solver_kw, model), steps, cfg.train.noise, self.sample)
         self._block = partial(block, None) if mesh is None else whole.sharded(block, mesh)
 
     def place(self, source, mesh) -> WholeSeries:
@@ -156,14 +159,19 @@ class WindowsMode(_Base):
         if cfg.solver.kind == "sequential":
             sol = jax.vmap(whole.exact)(
                 jax.vmap(sequential, in_axes=(None, None, 0, 0))(forced, params["F"], z0, zhat[:, :-1]))
+        elif cfg.solver.kind == "scan":
+            sol = jax.vmap(lambda z, zh: whole.teacher_forced(model, params["F"], z, zh, None))(z0, zhat[:, :-1])
         else:
             sol = deer_batch(forced, params["F"], z0, zhat[:, :-1], init=zhat[:, 1:], mesh=self.mesh,
                              throw=False, **self.solver_kw)
         pred = model.observe(params, sol.states)
+        mse = jnp.mean((pred - xw[:, 1:]) ** 2)
+        if self.sample is None:
+            return mse, sol, whole.norm_from_sums(whole.no_norm_sums(mse.dtype), cfg.gtf.norm)
         zprev = jnp.concatenate([z0[:, None], sol.states[:, :-1]], axis=1)
         zt = jax.lax.stop_gradient(jax.vmap(forced.forced_state)(zprev, zhat[:, :-1]))
-        norm = jacobian_norm(model, jax.lax.stop_gradient(params), zt, cfg.gtf.norm, cfg.gtf.sample)
-        return jnp.mean((pred - xw[:, 1:]) ** 2), sol, norm
+        norm = jacobian_norm(model, jax.lax.stop_gradient(params), zt, cfg.gtf.norm, self.sample)
+        return mse, sol, norm
 
     def loss(self, params, alpha, data, mode_state, step):
         starts = jax.random.randint(step_key(self.cfg, step), (self.cfg.train.batch,), 0,

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from distdeer.gtf import AlphaInParams, spectral_norms
 from distdeer.models import Model
-from distdeer.solver import Result, Solution, deer, deer_shard, sequential
+from distdeer.solver import Result, Solution, deer, deer_shard, linear, sequential
 from distdeer.solver.newton import from_left
 
 AXIS = "time"
@@ -91,6 +91,11 @@ def norm_sums(jac, F_params, zt: jax.Array, index: jax.Array, steps: int, sample
     return _psum(sums, axis)
 
 
+def no_norm_sums(dtype) -> jax.Array:
+    """The sums when 𝒩 is not estimated (an LRU: the rule does not apply): 𝒩 comes out NaN."""
+    return jnp.array([jnp.nan, jnp.nan, 1.0], dtype)
+
+
 def norm_from_sums(sums: jax.Array, kind: str) -> jax.Array:
     """𝒩 of one sequence from ``norm_sums``: the geometric mean (``max`` and ``geometric`` coincide for a
     single sequence) or the arithmetic mean (``mean``)."""
@@ -108,7 +113,8 @@ def local_loss(model: Model, gtf_step: AlphaInParams, solve, steps: int, noise: 
     ``(F_params, α)`` and ``solve(step, params, z0, zhat, warm, axis)`` solves it on the block (``solver``).
     Returns ``(mse, (Solution with this block's states, norm_sums))``: the mean squared error over all T
     real steps and N dimensions (identical on every device), the solver's global statistics, and the
-    Jacobian-norm partial sums of the forced states (computed without gradient).
+    Jacobian-norm partial sums of the forced states (computed without gradient; ``sample`` None: not
+    estimated, ``no_norm_sums``).
     """
     n, N = rows.shape
     index = slot_index(n, axis)
@@ -124,6 +130,8 @@ def local_loss(model: Model, gtf_step: AlphaInParams, solve, steps: int, noise: 
     pred = model.observe(params, sol.states)
     sq = jnp.where(valid, jnp.sum((pred - x_next) ** 2, axis=-1), 0.0)
     mse = _psum(jnp.sum(sq), axis) / (steps * N)
+    if sample is None:
+        return mse, (sol, no_norm_sums(mse.dtype))
     states = lax.stop_gradient(sol.states)
     zprev = jnp.concatenate([from_left(states[-1], lax.stop_gradient(z0), axis)[None], states[:-1]])
     zt = gtf_step.at(alpha).forced_state(zprev, lax.stop_gradient(zhat))
@@ -136,10 +144,20 @@ def exact(states: jax.Array) -> Solution:
     return Solution(states, jnp.int32(0), jnp.bool_(True), jnp.zeros((), states.dtype), jnp.int32(Result.SUCCESS))
 
 
-def solver(kind: str, steps: int, solver_kw: dict):
+def teacher_forced(model: Model, F_params, z0, zhat, axis) -> Solution:
+    """The states of an LRU at α = 1 on a block (``Model.teacher_forced``): one time-sharded scan per layer,
+    exact (``solver.linear``)."""
+    recurrence = lambda a, b, h0: linear.recurrence(a, b, h0, axis)  # noqa: E731
+    return exact(model.teacher_forced(F_params, z0, zhat, recurrence))
+
+
+def solver(kind: str, steps: int, solver_kw: dict, model: Model):
     """``solve(step, params, z0, zhat, warm, axis) -> Solution`` on one block: DEER (``deer`` on one
-    device, ``deer_shard`` on a slice) or the sequential GTF-BPTT baseline (one device only)."""
+    device, ``deer_shard`` on a slice), the sequential GTF-BPTT baseline (one device only), or the exact
+    scan of a teacher-forced LRU (``params`` = (F params, α), α = 1 by configuration)."""
     def solve(step, params, z0, zhat, warm, axis):
+        if kind == "scan":
+            return teacher_forced(model, params[0], z0, zhat, axis)
         if kind == "sequential":
             if axis is not None:
                 raise ValueError("solver.kind=sequential runs on one device: set mesh.devices=1")
