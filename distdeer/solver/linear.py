@@ -60,8 +60,10 @@ def _bwd(axis_name, method, res, ct):
     a, h, h0 = res
     g = jnp.conj(ct)
     a_step = _per_step(a, h)
-    # a_{t+1} for every step of the slice: the next one here, the right neighbour's first at the end.
-    a_next = jnp.concatenate([a_step[1:], _from_right(a_step[0], axis_name)[None]])
+    if a.ndim == 1:  # time-invariant: a_{t+1} = a (beyond the end λ = 0, so any value serves there)
+        a_next = a
+    else:  # the next step's a here, the right neighbour's first at the end of the slice
+        a_next = jnp.concatenate([a_step[1:], _from_right(a_step[0], axis_name)[None]])
     lam = _solve(jnp.conj(a_next), g, vma.like(jnp.zeros_like(h0), g), axis_name, method, reverse=True)
     h_prev = jnp.concatenate([from_left(h[-1], vma.like(h0, h), axis_name)[None], h[:-1]])
     d_a = jnp.conj(h_prev) * lam
