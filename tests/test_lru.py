@@ -53,17 +53,25 @@ def test_untrained_stack_forecasts_persistence():
 def test_free_run_equals_a_loop_of_the_equations(block):
     model, params, x = lru_problem(60, layers=2, block=block)
     gen = ev.free_run(model, params, x[0], 60)
-    h0 = lru.split_state(model.initial_state(params, x[0]), 3, 2, model.state)[1]
-    pred, _ = lru_loop(params["F"], np.asarray(x[:60]), np.asarray(h0), 2, block, feedback=True)
+    _, h0_re, h0_im = lru.split_state(model.initial_state(params, x[0]), 3, 2, model.state)
+    h0 = np.asarray(h0_re) + 1j * np.asarray(h0_im)
+    pred, _ = lru_loop(params["F"], np.asarray(x[:60]), h0, 2, block, feedback=True)
     np.testing.assert_allclose(gen, pred, rtol=1e-4, atol=1e-4)
     assert np.std(pred[30:]) > 1e-2  # the reference run moves: the comparison is not of two constants
 
 
-def test_jacobian_diagonal_equals_the_autodiff_one():
-    model, params, x = lru_problem(20)
-    z = model.initial_state(params, x[3]) + 0.1
-    np.testing.assert_allclose(model.jac_diag(params["F"], z), jnp.diagonal(model.jac(params["F"], z)),
-                               rtol=1e-5, atol=1e-6)
+def test_jacobians_of_a_long_batch_under_jit_equal_single_evaluations():
+    """The dense Jacobian and the closed-form diagonal, jitted and mapped over 1000 states (forward mode
+    went wrong past row 364 here: docs/repro/lru_jacfwd_rows.py), against one eager evaluation per state
+    and against each other."""
+    model, params, x = lru_problem(20, scale=0.1)
+    z = jax.random.normal(jax.random.PRNGKey(5), (1000, model.latent))
+    F = params["F"]
+    dense = jax.jit(jax.vmap(model.jac, in_axes=(None, 0)))(F, z)
+    diag = jax.jit(jax.vmap(model.jac_diag, in_axes=(None, 0)))(F, z)
+    for i in (0, 363, 364, 700, 999):
+        np.testing.assert_allclose(dense[i], model.jac(F, z[i]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(diag, jnp.diagonal(dense, axis1=1, axis2=2), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.8])
@@ -79,10 +87,10 @@ def test_gtf_on_the_inputs_by_deer_equals_the_loop_and_bptt(alpha):
 
     args = lambda p: (p["F"], model.initial_state(p, x[0]), model.forcing(p, x[:-1]))  # noqa: E731
     seq = lambda p: sequential(forced, *args(p))  # noqa: E731
-    sol = deer(forced, *args(params), throw=False)
+    sol = jax.jit(lambda p: deer(forced, *args(p), throw=False))(params)  # jitted: eager dispatch is slow
     assert bool(sol.converged) and int(sol.iterations) < 40
     np.testing.assert_allclose(sol.states, seq(params), atol=2e-5, rtol=1e-4)
-    g = jax.grad(lambda p: loss(lambda q: deer(forced, *args(q)).states, p))(params)
+    g = jax.jit(jax.grad(lambda p: loss(lambda q: deer(forced, *args(q)).states, p)))(params)
     assert rel_err(g, jax.grad(lambda p: loss(seq, p))(params)) < 1e-3
 
 

@@ -70,6 +70,12 @@ def eigenvalues(p: dict) -> jax.Array:
     return jnp.exp(-jnp.exp(p["nu"]) + 1j * jnp.exp(p["theta"]))
 
 
+def eigen_parts(p: dict) -> tuple[jax.Array, jax.Array]:
+    """(Re λ, Im λ) ``(K, S)`` computed in real arithmetic (see ``step``)."""
+    r, phase = jnp.exp(-jnp.exp(p["nu"])), jnp.exp(p["theta"])
+    return r * jnp.cos(phase), r * jnp.sin(phase)
+
+
 def _layer_norm(u, scale, bias):
     mu = jnp.mean(u, axis=-1, keepdims=True)
     var = jnp.mean((u - mu) ** 2, axis=-1, keepdims=True)
@@ -83,16 +89,18 @@ def _block(p, k, y, kind):
     return jax.nn.gelu(y @ p["W1"][k].T + p["b1"][k]) @ p["W2"][k].T + p["b2"][k]
 
 
-def layer_input(p: dict, k: int, u: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Layer k's normalised input v ``(..., H)`` and the recurrence's drive ``γ ⊙ (B v)`` ``(..., S)`` complex."""
+def layer_input(p: dict, k: int, u: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Layer k's normalised input v ``(..., H)`` and the real and imaginary parts of the recurrence's drive
+    ``γ ⊙ (B v)`` ``(..., S)``."""
     v = _layer_norm(u, p["norm_scale"][k], p["norm_bias"][k])
-    drive = (v @ p["B_re"][k].T + 1j * (v @ p["B_im"][k].T)) * jnp.exp(p["gamma_log"][k])
-    return v, drive
+    gamma = jnp.exp(p["gamma_log"][k])
+    return v, (v @ p["B_re"][k].T) * gamma, (v @ p["B_im"][k].T) * gamma
 
 
-def layer_output(p: dict, k: int, u: jax.Array, v: jax.Array, h: jax.Array, kind: str) -> jax.Array:
+def layer_output(p: dict, k: int, u: jax.Array, v: jax.Array, h_re: jax.Array, h_im: jax.Array,
+                 kind: str) -> jax.Array:
     """The residual stream after layer k, ``u + block(Re(C h) + D ⊙ v)`` ``(..., H)``."""
-    y = h.real @ p["C_re"][k].T - h.imag @ p["C_im"][k].T + p["D"][k] * v
+    y = h_re @ p["C_re"][k].T - h_im @ p["C_im"][k].T + p["D"][k] * v
     return u + _block(p, k, y, kind)
 
 
@@ -104,32 +112,39 @@ def decode(p: dict, u: jax.Array) -> jax.Array:
     return u @ p["W_o"].T + p["b_o"]
 
 
-def split_state(z: jax.Array, observed: int, layers: int, state: int) -> tuple[jax.Array, jax.Array]:
-    """``z (..., M)`` → (x̂ ``(..., N)``, h ``(..., K, S)`` complex)."""
+def split_state(z: jax.Array, observed: int, layers: int, state: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``z (..., M)`` → (x̂ ``(..., N)``, Re h, Im h ``(..., K, S)``)."""
     KS = layers * state
-    h = z[..., observed: observed + KS] + 1j * z[..., observed + KS:]
-    return z[..., :observed], h.reshape(h.shape[:-1] + (layers, state))
+    shape = z.shape[:-1] + (layers, state)
+    return (z[..., :observed], z[..., observed: observed + KS].reshape(shape),
+            z[..., observed + KS:].reshape(shape))
 
 
-def join_state(x: jax.Array, h: jax.Array) -> jax.Array:
+def join_state(x: jax.Array, h_re: jax.Array, h_im: jax.Array) -> jax.Array:
     """Inverse of ``split_state``: ``[x̂; Re h; Im h]`` with h flattened layer-major."""
-    flat = h.reshape(h.shape[:-2] + (-1,))
-    return jnp.concatenate([x, flat.real.astype(x.dtype), flat.imag.astype(x.dtype)], axis=-1)
+    flat = lambda h: h.reshape(h.shape[:-2] + (-1,)).astype(x.dtype)  # noqa: E731
+    return jnp.concatenate([x, flat(h_re), flat(h_im)], axis=-1)
 
 
 def step(p: dict, z: jax.Array, *, layers: int, state: int, block: str) -> jax.Array:
-    """One step of the Markov map ``z_t = F(z_{t−1})`` ``(M,) → (M,)``: the input is ``z``'s first N units."""
+    """One step of the Markov map ``z_t = F(z_{t−1})`` ``(M,) → (M,)``: the input is ``z``'s first N units.
+
+    Real arithmetic throughout: λ h as the 2 × 2 rotation-scaling of (Re h, Im h).  Its Jacobians are taken
+    in reverse mode: on CPU (jax 0.10.2) ``jit(vmap(jacfwd(step)))`` returned wrong rows past the 364th of a
+    batch while ``jacrev`` and the eager call agree (docs/repro/lru_jacfwd_rows.py)."""
     N = p["W_o"].shape[0]
-    x_in, h = split_state(z, N, layers, state)
-    lam = eigenvalues(p)
+    x_in, h_re, h_im = split_state(z, N, layers, state)
+    l_re, l_im = eigen_parts(p)
     u = encode(p, x_in)
-    new = []
+    new_re, new_im = [], []
     for k in range(layers):
-        v, drive = layer_input(p, k, u)
-        hk = lam[k] * h[k] + drive
-        u = layer_output(p, k, u, v, hk, block)
-        new.append(hk)
-    return join_state(decode(p, u), jnp.stack(new))
+        v, d_re, d_im = layer_input(p, k, u)
+        hr = l_re[k] * h_re[k] - l_im[k] * h_im[k] + d_re
+        hi = l_re[k] * h_im[k] + l_im[k] * h_re[k] + d_im
+        u = layer_output(p, k, u, v, hr, hi, block)
+        new_re.append(hr)
+        new_im.append(hi)
+    return join_state(decode(p, u), jnp.stack(new_re), jnp.stack(new_im))
 
 
 def step_jac_diag(p: dict, z: jax.Array, *, layers: int, state: int, block: str) -> jax.Array:
@@ -137,25 +152,27 @@ def step_jac_diag(p: dict, z: jax.Array, *, layers: int, state: int, block: str)
     λ: nothing else feeds a unit's own previous state back), and for x̂ the diagonal of ∂x̂_t/∂x_in (N JVPs)."""
     N = p["W_o"].shape[0]
     f = lambda x: step(p, z.at[:N].set(x), layers=layers, state=state, block=block)[:N]  # noqa: E731
-    jx = jax.jacfwd(f)(z[:N])
-    lam_re = eigenvalues(p).real.reshape(-1).astype(z.dtype)
+    jx = jax.jacrev(f)(z[:N])
+    lam_re = eigen_parts(p)[0].reshape(-1).astype(z.dtype)
     return jnp.concatenate([jnp.diagonal(jx), lam_re, lam_re])
 
 
-def teacher_forced(p: dict, x_in: jax.Array, h0: jax.Array, recurrence: Callable, *, layers: int,
-                   block: str) -> tuple[jax.Array, jax.Array]:
+def teacher_forced(p: dict, x_in: jax.Array, h0_re: jax.Array, h0_im: jax.Array, recurrence: Callable, *,
+                   layers: int, block: str) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Predictions and states under teacher forcing, all steps at once.
 
-    ``x_in`` ``(n, N)`` the inputs x_{t−1} of this slice, ``h0`` ``(K, S)`` complex the states entering the
-    sequence; ``recurrence(a, b, h0)`` solves ``h_t = a ⊙ h_{t−1} + b_t`` for a slice (``solver.linear``,
-    time-sharded when the caller binds a mesh axis).  Returns x̂ ``(n, N)`` and h ``(n, K, S)``.
+    ``x_in`` ``(n, N)`` the inputs x_{t−1} of this slice, ``h0_re``, ``h0_im`` ``(K, S)`` the states entering
+    the sequence; ``recurrence(a, b, h0)`` solves the complex ``h_t = a ⊙ h_{t−1} + b_t`` for a slice
+    (``solver.linear``, time-sharded when the caller binds a mesh axis).  Returns x̂ ``(n, N)`` and
+    Re h, Im h ``(n, K, S)``.
     """
     lam = eigenvalues(p)
     u = encode(p, x_in)
-    hs = []
+    hs_re, hs_im = [], []
     for k in range(layers):
-        v, drive = layer_input(p, k, u)
-        hk = recurrence(lam[k], drive, h0[k])
-        u = layer_output(p, k, u, v, hk, block)
-        hs.append(hk)
-    return decode(p, u), jnp.stack(hs, axis=1)
+        v, d_re, d_im = layer_input(p, k, u)
+        hk = recurrence(lam[k], d_re + 1j * d_im, h0_re[k] + 1j * h0_im[k])
+        u = layer_output(p, k, u, v, hk.real, hk.imag, block)
+        hs_re.append(hk.real)
+        hs_im.append(hk.imag)
+    return decode(p, u), jnp.stack(hs_re, axis=1), jnp.stack(hs_im, axis=1)

@@ -77,7 +77,8 @@ class Model:
             return c.step, c.jac, c.jac_diag
         if self.kind == "lru":
             step = partial(lru.step, layers=self.layers, state=self.state, block=self.block)
-            return (step, jax.jacfwd(step, argnums=1),
+            # reverse mode: jit(vmap(jacfwd)) of this step was wrong past the 364th row (docs/repro)
+            return (step, jax.jacrev(step, argnums=1),
                     partial(lru.step_jac_diag, layers=self.layers, state=self.state, block=self.block))
         raise ValueError(f"unknown model kind {self.kind!r}")
 
@@ -127,9 +128,10 @@ class Model:
         if self.kind != "lru":
             raise ValueError(f"model kind {self.kind!r} has no linear forced recurrence (only lru)")
         N = self.observed
-        h0 = lru.split_state(z0, N, self.layers, self.state)[1]
-        pred, h = lru.teacher_forced(F_params, zhat[:, :N], h0, recurrence, layers=self.layers, block=self.block)
-        return lru.join_state(pred, h)
+        _, h0_re, h0_im = lru.split_state(z0, N, self.layers, self.state)
+        pred, h_re, h_im = lru.teacher_forced(F_params, zhat[:, :N], h0_re, h0_im, recurrence, layers=self.layers,
+                                              block=self.block)
+        return lru.join_state(pred, h_re, h_im)
 
     # -- readout and forcing ---------------------------------------------------------------------
     def forced_mask(self) -> jax.Array:

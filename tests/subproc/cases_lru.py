@@ -96,11 +96,12 @@ def test_teacher_forced_stack_matches_a_loop_and_its_gradient_bptt(n, layers, bl
     model, params, x = lru_problem(T, layers, block, seed=n, dtype=jnp.float64)
     states = teacher_forced_states(model, n, params, x)
     # the numpy loop of the equations, from the same h_0 = L x_0
-    h0 = lru.split_state(model.initial_state(params, x[0]), 3, layers, model.state)[1]
-    pred, h = lru_loop(params["F"], np.asarray(x[:-1]), np.asarray(h0), layers, block)
-    x_hat, h_scan = lru.split_state(states, 3, layers, model.state)
+    _, h0_re, h0_im = lru.split_state(model.initial_state(params, x[0]), 3, layers, model.state)
+    pred, h = lru_loop(params["F"], np.asarray(x[:-1]), np.asarray(h0_re) + 1j * np.asarray(h0_im), layers, block)
+    x_hat, h_re, h_im = lru.split_state(states, 3, layers, model.state)
     np.testing.assert_allclose(x_hat, pred, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(h_scan, h, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(h_re, h.real, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(h_im, h.imag, rtol=1e-10, atol=1e-10)
 
     # gradient of the one-step loss against BPTT through lax.scan of the forced step at α = 1
     forced = ForcedStep(model.F, jnp.float64(1.0), model.forced_mask())
