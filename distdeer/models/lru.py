@@ -67,7 +67,8 @@ def init(key: jax.Array, observed: int, hidden: int, state: int, layers: int, r_
 
 def eigenvalues(p: dict) -> jax.Array:
     """λ ``(K, S)`` complex: modulus exp(−exp(ν)) ∈ (0, 1), phase exp(θ)."""
-    return jnp.exp(-jnp.exp(p["nu"]) + 1j * jnp.exp(p["theta"]))
+    re, im = eigen_parts(p)
+    return re + 1j * im
 
 
 def eigen_parts(p: dict) -> tuple[jax.Array, jax.Array]:

@@ -22,16 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from distdeer.solver import scan, vma
-from distdeer.solver.newton import from_left
-
-
-def _from_right(first, axis_name):
-    """The right neighbour's first row (zeros on the last device: nothing follows the sequence)."""
-    if axis_name is None:
-        return jnp.zeros_like(first)
-    p = lax.axis_size(axis_name)
-    recv = lax.ppermute(first, axis_name, [(i + 1, i) for i in range(p - 1)])
-    return jnp.where(lax.axis_index(axis_name) == p - 1, jnp.zeros_like(first), recv)
+from distdeer.solver.newton import from_left, from_right
 
 
 def _per_step(a, b):
@@ -59,11 +50,11 @@ def _fwd(a, b, h0, axis_name, method):
 def _bwd(axis_name, method, res, ct):
     a, h, h0 = res
     g = jnp.conj(ct)
-    a_step = _per_step(a, h)
     if a.ndim == 1:  # time-invariant: a_{t+1} = a (beyond the end λ = 0, so any value serves there)
-        a_next = a
-    else:  # the next step's a here, the right neighbour's first at the end of the slice
-        a_next = jnp.concatenate([a_step[1:], _from_right(a_step[0], axis_name)[None]])
+        a_first = a_next = a
+    else:  # the next step's a here, the right neighbour's first at the end of the slice (0 after the last)
+        a_first = a[0]
+        a_next = jnp.concatenate([a[1:], from_right(a[0], jnp.zeros_like(a[0]), axis_name)[None]])
     lam = _solve(jnp.conj(a_next), g, vma.like(jnp.zeros_like(h0), g), axis_name, method, reverse=True)
     h_prev = jnp.concatenate([from_left(h[-1], vma.like(h0, h), axis_name)[None], h[:-1]])
     d_a = jnp.conj(h_prev) * lam
@@ -71,7 +62,7 @@ def _bwd(axis_name, method, res, ct):
         d_a = jnp.sum(d_a, axis=0)
     # ∂ℓ/∂h_0 = conj(a_1) λ_1 lives on the first device; the others hold no part of it.
     first = lax.axis_index(axis_name) == 0 if axis_name is not None else True
-    d_h0 = jnp.where(first, jnp.conj(a_step[0]) * lam[0], 0)
+    d_h0 = jnp.where(first, jnp.conj(a_first) * lam[0], 0)
     return (vma.reduce_to(jnp.conj(d_a), a), jnp.conj(lam), vma.reduce_to(jnp.conj(d_h0), h0))
 
 

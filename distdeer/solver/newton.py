@@ -99,6 +99,15 @@ def from_left(last, z0, axis_name):
     return jnp.where(lax.axis_index(axis_name) == 0, z0, recv)
 
 
+def from_right(first, last_fill, axis_name):
+    """Row after this slice's last step: the right neighbour's first row, ``last_fill`` on the last device."""
+    if axis_name is None:
+        return last_fill
+    p = lax.axis_size(axis_name)
+    recv = lax.ppermute(first, axis_name, [(i + 1, i) for i in range(p - 1)])
+    return jnp.where(lax.axis_index(axis_name) == p - 1, last_fill, recv)
+
+
 def _previous(Z, z0, axis_name) -> chunks.Shifted:
     """``zprev_t = z_{t-1}`` for every step of the slice (one halo exchange), as a shifted view of ``Z``
     that the chunked evaluations cut piece by piece (no second n × M array)."""

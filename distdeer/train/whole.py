@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from distdeer.gtf import AlphaInParams, spectral_norms
 from distdeer.models import Model
 from distdeer.solver import Result, Solution, deer, deer_shard, linear, sequential
-from distdeer.solver.newton import from_left
+from distdeer.solver.newton import from_left, from_right
 
 AXIS = "time"
 
@@ -48,15 +48,6 @@ def _index(axis):
     return 0 if axis is None else lax.axis_index(axis)
 
 
-def _from_right(first, last_fill, axis):
-    """The right neighbour's first row (the last device gets ``last_fill``)."""
-    if axis is None:
-        return last_fill
-    p = lax.axis_size(axis)
-    recv = lax.ppermute(first, axis, [(i + 1, i) for i in range(p - 1)])
-    return jnp.where(lax.axis_index(axis) == p - 1, last_fill, recv)
-
-
 # -- per-slice pieces ------------------------------------------------------------------------------------
 
 def slot_index(n: int, axis) -> jax.Array:
@@ -66,7 +57,7 @@ def slot_index(n: int, axis) -> jax.Array:
 
 def targets(rows: jax.Array, ends: jax.Array, axis) -> jax.Array:
     """``x_{s+1}`` for every slot of the block ``(n, N)`` (one halo row from the right)."""
-    return jnp.concatenate([rows[1:], _from_right(rows[0], ends[1], axis)[None]])
+    return jnp.concatenate([rows[1:], from_right(rows[0], ends[1], axis)[None]])
 
 
 def row_noise(key: jax.Array, index: jax.Array, width: int, dtype) -> jax.Array:
