@@ -6,6 +6,7 @@
     distdeer inspect RUN_DIR
     distdeer data generate SYSTEM --steps N [--dt] [--noise] [--dim] [--seed] --out PATH.zarr
     distdeer data import FILE.npy|FILE.csv --out PATH.zarr
+    distdeer data embed SERIES --channel C [--lag L --dim M | --like EMBEDDED.zarr] --out PATH.zarr
     distdeer bench solver --T 100000 --latent 3 --hidden 50 [--devices P] [--jacobian dense|diagonal]
                           [--alpha A] [--method blocked|associative] [--repeats R] [--memory-only] [--json PATH]
     distdeer bench gtf --T 10000,100000,1000000 [--alpha 0.1] [--max-iter 50] [--json PATH]
@@ -110,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     imp = dsub.add_parser("import", help="validate and store a .npy/.csv series")
     imp.add_argument("file")
     imp.add_argument("--out", required=True, help="PATH.zarr")
+    emb = dsub.add_parser("embed", help="delay-embed one channel of a series (lag by the first minimum of the "
+                                        "mutual information, dimension by false nearest neighbours)")
+    emb.add_argument("file", help="a .zarr, .npy or .csv series")
+    emb.add_argument("--channel", type=int, required=True, help="column to embed (0-based)")
+    emb.add_argument("--lag", type=_positive("--lag"), default=None, help="τ in steps (default: by the rule)")
+    emb.add_argument("--dim", type=_positive("--dim"), default=None, help="m (default: by the rule)")
+    emb.add_argument("--like", metavar="EMBEDDED.zarr", default=None,
+                     help="take channel, lag and dimension from a series this command wrote (a test series "
+                          "embedded as its training series)")
+    emb.add_argument("--out", required=True, help="PATH.zarr")
     fe = dsub.add_parser("fetch", help="download a reference benchmark series (checked by sha256); configs "
                                        "then name its files ref:FILE")
     fe.add_argument("series", choices=sorted(reference.SERIES))
@@ -348,6 +359,8 @@ def _data(args) -> int:
             raw = np.asarray(systems.generate(args.system, args.steps, args.dt, args.noise, args.seed, args.dim),
                              np.float64)
             attrs = {"system": args.system, "dt": args.dt, "noise": args.noise, "seed": args.seed}
+        elif args.data == "embed":
+            raw, attrs = _embedded(args)
         else:
             raw = store.read_raw(args.file)
             attrs = {"source": os.path.abspath(args.file)}
@@ -355,8 +368,45 @@ def _data(args) -> int:
         store.write(args.out, z, mean=mean, std=std, attrs=attrs)
     except (ValueError,) as e:
         raise UsageError(str(e)) from None
-    print(f"distdeer: wrote {z.shape[0]} x {z.shape[1]} standardised series to {args.out}")
+    extra = f" (delay embedding: lag {attrs['embedding']['lag']}, dim {attrs['embedding']['dim']})" \
+        if "embedding" in attrs else ""
+    print(f"distdeer: wrote {z.shape[0]} x {z.shape[1]} standardised series to {args.out}{extra}")
     return 0
+
+
+def _embedded(args):
+    """The delay embedding of ``args.file``'s channel and the attributes that record it (data.embed)."""
+    import numpy as np
+
+    from distdeer.data import embed, store
+
+    if not os.path.exists(args.file):
+        raise UsageError(f"{args.file} not found")
+    source = store.read_data_units(args.file)
+    attrs = store.attributes(store.open_series(args.file)) if args.file.rstrip("/").endswith(".zarr") else {}
+    channel, lag, dim = args.channel, args.lag, args.dim
+    if args.like is not None:
+        if lag is not None or dim is not None:
+            raise UsageError("--like sets the lag and dimension: drop --lag/--dim")
+        like = store.attributes(store.open_series(args.like)).get("embedding")
+        if like is None:
+            raise UsageError(f"--like {args.like}: not a series written by `distdeer data embed`")
+        if like["channel"] != channel:
+            raise UsageError(f"--like {args.like} embeds channel {like['channel']}, not --channel {channel}")
+        lag, dim = like["lag"], like["dim"]
+    if not 0 <= channel < source.shape[1]:
+        raise UsageError(f"--channel {channel}: the series has channels 0..{source.shape[1] - 1}")
+    s = source[:, channel]
+    record = {"channel": channel, "rule": "lag: first minimum of the mutual information; dim: false nearest "
+                                          "neighbours below 1 % or on a plateau (distdeer/data/embed.py)"}
+    if lag is None:
+        lag, curve = embed.choose_lag(s)
+        record["mutual_information"] = [round(v, 5) for v in curve]
+    if dim is None:
+        dim, fractions = embed.choose_dim(s, lag)
+        record["false_neighbours"] = [round(v, 5) for v in fractions]
+    keep = {k: attrs[k] for k in ("system", "dt", "noise", "seed") if k in attrs}
+    return np.asarray(embed.delay_embed(s, lag, dim)), {**keep, "embedding": {**record, "lag": lag, "dim": dim}}
 
 
 def main(argv: list[str] | None = None) -> int:

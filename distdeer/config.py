@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 # The allowed values of every field with a fixed set of them, stated once: validation, the CLI's choices
 # and its help read them from here (``CHOICES``).
-System = Literal["lorenz63", "rossler", "lorenz96", "slowfast"]
+System = Literal["lorenz63", "rossler", "lorenz96", "slowfast", "slowfast_drive", "hindmarsh_rose"]
 ModelKind = Literal["shplrnn", "clipped_shplrnn", "alrnn", "plrnn", "lru", "custom"]
 Block = Literal["glu", "mlp"]
 Readout = Literal["identity", "affine"]
@@ -165,9 +165,15 @@ class EvalConfig:
     # whose free run has the lowest D_stsp against the training series (the test data are never looked at)
     select: Selection = "latest"
     data: str | None = None  # test series; None: a fresh trajectory of a generated system
+    test_steps: int | None = None  # length of that fresh trajectory; None: data.steps
     # the data system's largest Lyapunov exponent per time unit, when known (eval.json compares the model's
     # with it); None: the literature value for a generated system (data.system or a generated .zarr)
     lyapunov_reference: float | None = None
+    # D_slow (metrics.slow_scale_distance): the slow envelope's spectra, per-block mean and spread over blocks
+    # of this many steps — about a tenth to a twentieth of the slow period, and several fast periods; the test
+    # series should hold >= 10 slow periods.  None: not measured
+    slow_block: int | None = None
+    slow_sigma: float = 1.0  # D_slow's spectral smoothing, in frequency bins
 
 
 @dataclasses.dataclass
@@ -200,7 +206,8 @@ CHOICES = _choices(Config)
 POSITIVE = ("data.steps", "data.dt", "model.latent", "model.hidden", "gtf.every", "gtf.decay", "gtf.sample",
             "solver.max_iter", "solver.chunk", "model.state", "model.layers", "model.max_phase", "train.steps", "train.batch", "train.lr", "train.lr_end", "train.log_every",
             "checkpoint.every", "checkpoint.keep", "train.seq_len", "mesh.devices",
-            "mesh.hosts", "mesh.devices_per_host", "ray.watchdog_s", "ray.startup_s", "ray.cpus_per_host")
+            "mesh.hosts", "mesh.devices_per_host", "ray.watchdog_s", "ray.startup_s", "ray.cpus_per_host",
+            "eval.slow_block", "eval.slow_sigma", "eval.test_steps")
 NON_NEGATIVE = ("data.noise", "model.nonlinear", "model.unforced_init", "train.clip", "train.lambda_lat", "train.noise", "ray.max_failures")
 
 

@@ -89,13 +89,14 @@ def retained_steps(run_dir: str) -> list[int]:
 def test_series(cfg, norm: dict, path: str | None) -> tuple[np.ndarray, str, str]:
     """Test observations in the *training* standardisation, (T_test, N) float32; their source (a real
     path, or ``generated:...``); and :func:`content_digest` of the observations in their own units.
-    Without a path, a fresh clean trajectory of the configured system (another seed) is generated."""
+    Without a path, a fresh clean trajectory of the configured system (another seed, ``eval.test_steps``
+    long) is generated."""
     mean, std = np.asarray(norm["mean"]), np.asarray(norm["std"])
     if path is None:
         if cfg.data.path is not None:
             raise EvalError("the run trained on a file and sets no eval.data: pass the test series with --data")
-        raw = np.asarray(systems.generate(cfg.data.system, cfg.data.steps, cfg.data.dt, 0.0, cfg.data.seed + 1000),
-                         np.float64)
+        steps = cfg.data.steps if cfg.eval.test_steps is None else cfg.eval.test_steps
+        raw = np.asarray(systems.generate(cfg.data.system, steps, cfg.data.dt, 0.0, cfg.data.seed + 1000), np.float64)
         source = f"generated:{cfg.data.system}:seed{cfg.data.seed + 1000}"
     else:
         named = path
@@ -188,7 +189,8 @@ def headline(res: dict) -> str:
     ref = lyap["system_reference_per_time_unit"]
     return (f"D_stsp {res['D_stsp']['value']:.3f} ({res['D_stsp']['variant']})  "
             f"D_H(σ={res['D_H']['sigma']:g}) {res['D_H']['value']:.3f}  "
-            f"PE({res['PE']['n']}) {res['PE']['value']:.4f}  λ_max "
+            + (f"D_slow {res['D_slow']['value']:.3f}  " if "D_slow" in res else "")
+            + f"PE({res['PE']['n']}) {res['PE']['value']:.4f}  λ_max "
             + (f"{lyap['per_step']:.4f} per step (set data.dt for per time unit)" if lyap["per_time_unit"] is None
                else f"{lyap['per_time_unit']:.3f} per time unit")
             + (f" (data system {ref:.3f})" if ref is not None else ""))
@@ -216,6 +218,16 @@ def divergences(x_ref: np.ndarray, gen: np.ndarray) -> dict:
         stsp = {"value": metrics.state_space_divergence_gmm(x_ref, gen), "variant": "gmm",
                 "scaling": 1.0, "max_t": 10_000, "mc_samples": 1000, "seed": 0}
     return {"D_stsp": stsp, "D_H": {"value": metrics.power_spectrum_distance(x_ref, gen, SIGMA), "sigma": SIGMA}}
+
+
+def slow_scale(cfg, x_ref: np.ndarray, gen: np.ndarray) -> dict:
+    """D_slow of ``gen`` against ``x_ref`` with the run's ``eval.slow_block`` / ``eval.slow_sigma``; {} when
+    the config measures no slow scale."""
+    block = cfg.eval.slow_block
+    if block is None:
+        return {}
+    return {"D_slow": {"value": metrics.slow_scale_distance(x_ref, gen, block, cfg.eval.slow_sigma),
+                       "block": block, "sigma": cfg.eval.slow_sigma}}
 
 
 def selection_rank(candidate: dict) -> tuple:
@@ -278,6 +290,9 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True, select
         raise EvalError(f"unknown checkpoint selection {select!r} (choose from {', '.join(SELECTIONS)})")
     # The test series is read before the selection (minutes) so that a missing one fails at once.
     x_test, source, digest = test_series(cfg, norm, cfg.eval.data if data is None else data)
+    if cfg.eval.slow_block is not None and len(x_test) < 8 * cfg.eval.slow_block:
+        raise EvalError(f"eval.slow_block {cfg.eval.slow_block}: the test series' {len(x_test)} steps hold fewer "
+                        f"than 8 blocks")
     selection = select_checkpoint(run_dir) if select == "train" else None
     if selection is not None and selection["chosen"] != latest:
         _, model, params, _, step = load_run(run_dir, selection["chosen"])
@@ -291,6 +306,7 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True, select
            "protocol": {"free_run_steps": T + drop, "dropped": drop, "start": "first test point"},
            "diverged": not bool(np.all(np.isfinite(gen)))}
     res.update(divergences(x_test, gen))
+    res.update(slow_scale(cfg, x_test, gen))
     res["PE"] = {"value": metrics.prediction_error(lambda xs, n: n_step_predictions(model, params, xs, n),
                                                    x_test, PE_STEPS), "n": PE_STEPS, "units": "standardised"}
     lyap = largest_lyapunov(model, params, x_test[0], transient=drop)
@@ -307,6 +323,10 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True, select
         plots.spectrum_figure(metrics.smoothed_spectra(x_test, SIGMA), metrics.smoothed_spectra(gen, SIGMA),
                               os.path.join(run_dir, "spectrum.png"))
         plots.timeseries_figure(x_test, gen, os.path.join(run_dir, "timeseries.png"))
+        if "D_slow" in res and not res["diverged"]:
+            block = cfg.eval.slow_block
+            plots.envelope_figure(metrics.block_features(x_test, block), metrics.block_features(gen, block), block,
+                                  os.path.join(run_dir, "slow.png"))
     # Written last and atomically: an eval.json present is a complete evaluation (a sweep reuses it).
     files.write_atomic(os.path.join(run_dir, "eval.json"), json.dumps(res, indent=2))
     return res
@@ -350,7 +370,8 @@ def summarise(results: list[dict]) -> dict:
         return {**data, "T_test": r["T_test"],
                 "D_stsp": {k: v for k, v in r["D_stsp"].items() if k != "value"},
                 "D_H": {k: v for k, v in r["D_H"].items() if k != "value"},
-                "PE": {k: v for k, v in r["PE"].items() if k != "value"}}
+                "PE": {k: v for k, v in r["PE"].items() if k != "value"},
+                **({"D_slow": {k: v for k, v in r["D_slow"].items() if k != "value"}} if "D_slow" in r else {})}
 
     first = protocol(results[0])
     for r in results[1:]:
@@ -360,7 +381,8 @@ def summarise(results: list[dict]) -> dict:
     out = {"runs": [r["run_dir"] for r in results],
            "protocol": {"test_data": real(results[0]["test_data"]), **first},
            "diverged_runs": sum(bool(r.get("diverged", False)) for r in results)}
-    values = {key: [r[key]["value"] for r in results] for key in ("D_stsp", "D_H", "PE")}
+    values = {key: [r[key]["value"] for r in results] for key in ("D_stsp", "D_H", "D_slow", "PE")
+              if key in results[0]}  # D_slow: in every run or none (their protocols are equal)
     values["lyapunov_max_per_step"] = [r["lyapunov_max"]["per_step"] for r in results]
     if all(r["lyapunov_max"].get("per_time_unit") is not None for r in results):
         values["lyapunov_max_per_time_unit"] = [r["lyapunov_max"]["per_time_unit"] for r in results]

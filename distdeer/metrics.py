@@ -7,6 +7,8 @@
 * ``power_spectrum_distance`` (D_H): mean over dimensions of the Hellinger distance between smoothed,
   normalised power spectra.
 * ``prediction_error`` (PE(n)): mean squared n-step-ahead error from every test point.
+* ``slow_scale_distance`` (D_slow): D_H of the block-averaged series and of its block-wise spread — the
+  power spectra of the slow envelope, blind to the fast dynamics and to the slow phase.
 
 All take arrays of shape (T, N); the two series must have equal lengths (D_stsp depends strongly on the
 sample size), which is checked.
@@ -110,3 +112,27 @@ def prediction_error(predict: Callable[[np.ndarray, int], np.ndarray], x_test, n
         raise ValueError(f"prediction_error: need a (T, N) test series with T > n = {n}, got {x.shape}")
     pred = np.asarray(predict(x[:-n], n), np.float64)
     return float(np.mean((pred - x[n:]) ** 2))
+
+
+def block_features(x, block: int) -> np.ndarray:
+    """The slow envelope of a series (T, N): per block of ``block`` steps each dimension's mean and
+    standard deviation, (T // block, 2N) — the mean carries slow drifts of the level (a burst, a drive),
+    the spread slow changes of the fast oscillation's amplitude (a breathing attractor).  A trailing
+    partial block is dropped."""
+    x = np.asarray(x, np.float64)
+    K = len(x) // block
+    if K < 8:
+        raise ValueError(f"block_features: {len(x)} steps hold {K} blocks of {block}; need at least 8")
+    b = x[:K * block].reshape(K, block, x.shape[1])
+    return np.concatenate([b.mean(1), b.std(1)], axis=1)
+
+
+def slow_scale_distance(x_true, x_gen, block: int, sigma: float = 1.0) -> float:
+    """D_slow: :func:`power_spectrum_distance` between the :func:`block_features` of the two series,
+    spectra smoothed by ``sigma`` frequency bins.  Phase-invariant (power spectra); a model whose slow
+    variable is frozen gives a flat envelope spectrum, one with the wrong slow period a peak elsewhere.
+    Frequency resolution is 1 / (series length): the series should hold ≥ 10 slow periods."""
+    x_true, x_gen = _pair(x_true, x_gen, "slow_scale_distance")
+    if not np.all(np.isfinite(x_gen)):
+        return float("nan")
+    return power_spectrum_distance(block_features(x_true, block), block_features(x_gen, block), sigma)

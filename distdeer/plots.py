@@ -85,3 +85,22 @@ def timeseries_figure(x_true: np.ndarray, x_gen: np.ndarray, out: str, steps: in
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def envelope_figure(f_true: np.ndarray, f_gen: np.ndarray, block: int, out: str) -> None:
+    """The slow envelope over the whole compared series (``metrics.block_features``: per block of ``block``
+    steps each dimension's mean, then its spread), data above model: what D_slow compares."""
+    n = f_true.shape[1]
+    fig, axes = plt.subplots(n, 1, figsize=(9, 1.3 * n), sharex=True, squeeze=False)
+    t = np.arange(len(f_true)) * block
+    for d in range(n):
+        kind, dim = ("mean", d) if d < n // 2 else ("spread", d - n // 2)
+        axes[d][0].plot(t, f_true[:, d], lw=0.8, label="data")
+        axes[d][0].plot(t, f_gen[:, d], lw=0.8, label="model (free-running)", alpha=0.8)
+        axes[d][0].set_ylabel(f"x{dim} {kind}", fontsize=8)
+    axes[0][0].legend(loc="upper right", fontsize=8)
+    axes[-1][0].set_xlabel("step")
+    fig.suptitle(f"slow envelope: block mean and standard deviation over blocks of {block} steps", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

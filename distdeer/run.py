@@ -25,7 +25,7 @@ from distdeer import plots
 from distdeer.config import Config
 from distdeer.train import loop
 
-RESULT_FILES = ("eval.json", "attractor.png", "spectrum.png", "timeseries.png", "generated.npy", "loss.png",
+RESULT_FILES = ("eval.json", "attractor.png", "spectrum.png", "timeseries.png", "slow.png", "generated.npy", "loss.png",
                 "metrics.jsonl", "checkpoints/")
 
 

@@ -481,6 +481,36 @@ def test_evaluation_at_the_end_and_summary_over_runs(straight, tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 
 
+def test_slow_scale_measure_in_the_evaluation(straight, tmp_path):
+    """eval.slow_block adds D_slow (the envelope spectra) on a fresh test series eval.test_steps long."""
+    import shutil
+
+    from distdeer import config, eval as eval_mod, metrics as metrics_mod
+
+    copy = tmp_path / "copy"
+    shutil.copytree(straight[0], copy)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["eval"].update(slow_block=100, slow_sigma=2.0, test_steps=2000)
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = cli("eval", str(copy))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ev = json.loads((copy / "eval.json").read_text())
+    assert ev["T_test"] == 2000 and ev["D_slow"]["block"] == 100 and ev["D_slow"]["sigma"] == 2.0
+    norm = json.loads((copy / "normalisation.json").read_text())
+    x_test, _, _ = eval_mod.test_series(config.load(str(copy / "config.yaml")), norm, None)
+    # the free run itself (generated.npy is rounded to float32 in data units: a model resting near a fixed
+    # point has block spreads of rounding size, whose z-scored spectra that rounding changes)
+    _, model, params, _, _ = eval_mod.load_run(str(copy))
+    gen = eval_mod.protocol_run(model, params, x_test[0], len(x_test))
+    expect = metrics_mod.slow_scale_distance(x_test, gen, 100, 2.0)
+    assert ev["D_slow"]["value"] == pytest.approx(expect, rel=1e-4, nan_ok=True)
+    assert "D_slow" in proc.stdout and (ev["diverged"] or os.path.getsize(copy / "slow.png") > 10_000)
+    cfg["eval"]["slow_block"] = 300  # 2000 steps hold 6 blocks: refused in one line before any free run
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    bad = cli("eval", str(copy))
+    assert bad.returncode == 2 and "fewer than 8 blocks" in bad.stderr and bad.stderr.count("\n") == 1
+
+
 def test_checkpoint_selection_by_the_training_series(straight, tmp_path):
     """eval.select=train: every retained checkpoint is scored on the training series (never the test series)
     and the best is evaluated; --select latest overrides the run's choice."""

@@ -73,25 +73,47 @@ def slowfast_field(x: jax.Array, period: float = SLOW_PERIOD, depth: float = 10.
     return jnp.concatenate([fast, jnp.stack([-w * x[4], w * x[3]])])
 
 
+HR_R = 0.005  # the slow adaptation rate: the slow variable moves 1/r = 200 times slower than the fast pair
+
+
+def hindmarsh_rose_field(x: jax.Array, r: float = HR_R, current: float = 3.25) -> jax.Array:
+    """Hindmarsh–Rose bursting neuron ``(ẋ, ẏ, ż) = (y − x³ + 3x² − z + I, 1 − 5x² − y, r(4(x + 1.6) − z))``:
+    membrane potential x, fast recovery y, slow adaptation z (rate r = 0.005); at I = 3.25 the bursts
+    are chaotic (irregular numbers of spikes per burst)."""
+    return jnp.stack([x[1] - x[0] ** 3 + 3.0 * x[0] ** 2 - x[2] + current,
+                      1.0 - 5.0 * x[0] ** 2 - x[1],
+                      r * (4.0 * (x[0] + 1.6) - x[2])])
+
+
+# name: (initial state, vector field, number of leading state variables observed)
+SYSTEMS = {
+    "lorenz63": (jnp.array([1.0, 1.0, 20.0]), lorenz63_field, 3),
+    "rossler": (jnp.array([1.0, 1.0, 0.0]), rossler_field, 3),
+    "slowfast": (jnp.array([1.0, 1.0, 20.0, 1.0, 0.0]), slowfast_field, 3),
+    # the same system with its drive u observed as a fourth channel (same seed: the same x, y, z)
+    "slowfast_drive": (jnp.array([1.0, 1.0, 20.0, 1.0, 0.0]), slowfast_field, 4),
+    "hindmarsh_rose": (jnp.array([-1.0, 0.0, 3.0]), hindmarsh_rose_field, 3),
+}
+
+
 def generate(system: str, steps: int, dt: float = 0.01, noise: float = 0.0, seed: int = 0,
              dim: int = 10, transient: int = 2000) -> jax.Array:
     """Observations ``(steps, N)`` of ``system`` sampled every ``dt`` after a transient, with Gaussian
-    observation noise of ``noise`` × the per-dimension standard deviation; not standardised."""
+    observation noise of ``noise`` × the per-dimension standard deviation; not standardised.  The initial
+    state's observed variables get a seeded perturbation of 0.1 (a slow–fast drive always starts at u = 1,
+    v = 0: its phase is the same in every series)."""
     key = jax.random.PRNGKey(seed)
     k0, kn = jax.random.split(key)
-    if system == "lorenz63":
-        x0, field, observed = jnp.array([1.0, 1.0, 20.0]), lorenz63_field, 3
-    elif system == "rossler":
-        x0, field, observed = jnp.array([1.0, 1.0, 0.0]), rossler_field, 3
-    elif system == "lorenz96":
+    if system == "lorenz96":
         if dim < 4:
             raise ValueError(f"lorenz96 needs dim >= 4, got {dim}")
         x0, field, observed = jnp.full((dim,), 8.0).at[0].add(0.01), lorenz96_field, dim
-    elif system == "slowfast":
-        x0, field, observed = jnp.array([1.0, 1.0, 20.0, 1.0, 0.0]), slowfast_field, 3
+    elif system in SYSTEMS:
+        x0, field, observed = SYSTEMS[system]
     else:
-        raise ValueError(f"unknown system {system!r} (lorenz63, rossler, lorenz96, slowfast)")
-    x0 = x0.at[:observed].add(0.1 * jax.random.normal(k0, (observed,)))
+        raise ValueError(f"unknown system {system!r} ({', '.join(sorted([*SYSTEMS, 'lorenz96']))})")
+    perturbed = 3 if system == "slowfast_drive" else observed  # its drive starts at (1, 0), as in slowfast
+    x0 = x0.at[:perturbed].add(0.1 * jax.random.normal(k0, (perturbed,)))
     x = integrate(field, x0, steps, dt, transient=transient)[:, :observed]
     if noise > 0:
         x = x + noise * x.std(0) * jax.random.normal(kn, x.shape)
