@@ -74,6 +74,12 @@ class ModelConfig:
     # this, so their Jacobian block starts near diag(a) — contractive.  GTF does not damp those units, and
     # whole-series DEER converges slowly while they are expansive (docs/results.md, slow–fast)
     unforced_init: float = 1.0
+    # identity readout with M > N: the unforced units' linear weights a start at 1 − 1/τ, τ log-spaced from 10
+    # to this many steps — memories up to a slow scale, instead of the default a ≈ 0.9 (a memory of ~10
+    # steps, through which no gradient reaches a dependence thousands of steps long).  None: the default.
+    # Measured on the slow–fast system: training shortens them to 10–35 steps within 1500 updates
+    # (docs/results.md, "Long time scales: where the whole series wins")
+    unforced_timescale: float | None = None
     # kind lru: complex recurrent units per layer, and layers (each followed by a residual block)
     state: int = 16
     layers: int = 1
@@ -207,7 +213,7 @@ POSITIVE = ("data.steps", "data.dt", "model.latent", "model.hidden", "gtf.every"
             "solver.max_iter", "solver.chunk", "model.state", "model.layers", "model.max_phase", "train.steps", "train.batch", "train.lr", "train.lr_end", "train.log_every",
             "checkpoint.every", "checkpoint.keep", "train.seq_len", "mesh.devices",
             "mesh.hosts", "mesh.devices_per_host", "ray.watchdog_s", "ray.startup_s", "ray.cpus_per_host",
-            "eval.slow_block", "eval.slow_sigma", "eval.test_steps")
+            "eval.slow_block", "eval.slow_sigma", "eval.test_steps", "model.unforced_timescale")
 NON_NEGATIVE = ("data.noise", "model.nonlinear", "model.unforced_init", "train.clip", "train.lambda_lat", "train.noise", "ray.max_failures")
 
 
@@ -312,6 +318,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.factory: set it (package.module:function) exactly when model.kind is custom")
     if cfg.model.kind == "alrnn" and cfg.model.nonlinear > cfg.model.latent:
         raise ConfigError(f"model.nonlinear ({cfg.model.nonlinear}) exceeds model.latent ({cfg.model.latent})")
+    if cfg.model.unforced_timescale is not None and (cfg.model.unforced_timescale < 10
+                                                     or cfg.model.kind in ("lru", "custom")
+                                                     or cfg.model.readout != "identity"):
+        raise ConfigError(f"model.unforced_timescale: a time scale >= 10 steps for the unforced units of a PLRNN-"
+                          f"family model with an identity readout, got {cfg.model.unforced_timescale} "
+                          f"({cfg.model.kind}, readout {cfg.model.readout})")
     if cfg.model.kind == "lru":
         if not 0.0 <= cfg.model.r_min < cfg.model.r_max < 1.0:
             raise ConfigError(f"model.r_min, model.r_max: need 0 <= r_min < r_max < 1, got {cfg.model.r_min}, "

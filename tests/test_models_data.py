@@ -82,6 +82,21 @@ def test_unforced_init_scales_only_the_unforced_rows(kind):
     np.testing.assert_array_equal(aff.init(jax.random.PRNGKey(2))["F"][W], p["F"][W])
 
 
+@pytest.mark.parametrize("kind", ["clipped_shplrnn", "alrnn"])
+def test_unforced_timescale_sets_the_unforced_units_memories(kind):
+    """model.unforced_timescale: the unforced units' a start at 1 − 1/τ, τ log-spaced from 10 to it — their
+    free decay z_k ∝ a^k lasts τ steps; forced units and every other parameter as by default."""
+    base = Model(kind, latent=8, observed=3, hidden=50, nonlinear=3)
+    slow = Model.from_config(ModelConfig(kind=kind, latent=8, hidden=50, nonlinear=3, unforced_timescale=1e5), 3)
+    p, q = base.init(jax.random.PRNGKey(4)), slow.init(jax.random.PRNGKey(4))
+    a = np.asarray(q["F"]["a"], np.float64)
+    np.testing.assert_allclose(-1.0 / np.log(a[3:]), [10, 100, 1000, 10_000, 100_000], rtol=0.06)
+    np.testing.assert_array_equal(q["F"]["a"][:3], p["F"]["a"][:3])
+    for k in p["F"]:
+        if k != "a":
+            np.testing.assert_array_equal(q["F"][k], p["F"][k])
+
+
 def test_alpha_rule_and_norm_estimates():
     assert float(gtf.alpha_from_norm(jnp.float32(0.5))) == 0.0
     np.testing.assert_allclose(gtf.alpha_from_norm(jnp.float32(4.0)), 0.75)

@@ -192,6 +192,9 @@ def test_sigterm_during_the_final_evaluation_keeps_the_finished_run(tmp_path):
     (None, ["data.path=/nonexistent/x.npy"], "not found"),
     (None, ["model.latent=2"], "smaller than the observed"),
     (None, ["model.unforced_init=-0.1"], "model.unforced_init: must be >= 0"),
+    (None, ["model.unforced_timescale=5"], "model.unforced_timescale: a time scale >= 10"),
+    (None, ["model.unforced_timescale=1000", "model.readout=affine"], "model.unforced_timescale"),
+    (None, ["eval.slow_block=0"], "eval.slow_block: must be > 0"),
     (None, ["mesh.devices=64"], "devices"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, setup, args, needle):
@@ -729,6 +732,7 @@ def test_too_many_skipped_updates_stop_the_run_with_one_line(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     err = [line for line in proc.stderr.splitlines() if line.startswith("distdeer")]
     assert len(err) == 1 and "5 of 5 updates skipped" in err[0] and "train.max_skipped" in err[0], proc.stderr
+    assert "Newton solve failed" in err[0] and "solver.max_iter" in err[0]  # the cause named: no convergence
     rows = metrics(run)
     assert [r["skipped"] for r in rows] == [1, 2, 3, 4, 5] and not any(r["converged"] for r in rows)
     info = inspect(run)

@@ -85,14 +85,15 @@ def hindmarsh_rose_field(x: jax.Array, r: float = HR_R, current: float = 3.25) -
                       r * (4.0 * (x[0] + 1.6) - x[2])])
 
 
-# name: (initial state, vector field, number of leading state variables observed)
+# name: (initial state, vector field, number of leading state variables observed).  Plain tuples: a jax
+# array built at import would start JAX's backend before jax.distributed.initialize (multi-process runs)
 SYSTEMS = {
-    "lorenz63": (jnp.array([1.0, 1.0, 20.0]), lorenz63_field, 3),
-    "rossler": (jnp.array([1.0, 1.0, 0.0]), rossler_field, 3),
-    "slowfast": (jnp.array([1.0, 1.0, 20.0, 1.0, 0.0]), slowfast_field, 3),
+    "lorenz63": ((1.0, 1.0, 20.0), lorenz63_field, 3),
+    "rossler": ((1.0, 1.0, 0.0), rossler_field, 3),
+    "slowfast": ((1.0, 1.0, 20.0, 1.0, 0.0), slowfast_field, 3),
     # the same system with its drive u observed as a fourth channel (same seed: the same x, y, z)
-    "slowfast_drive": (jnp.array([1.0, 1.0, 20.0, 1.0, 0.0]), slowfast_field, 4),
-    "hindmarsh_rose": (jnp.array([-1.0, 0.0, 3.0]), hindmarsh_rose_field, 3),
+    "slowfast_drive": ((1.0, 1.0, 20.0, 1.0, 0.0), slowfast_field, 4),
+    "hindmarsh_rose": ((-1.0, 0.0, 3.0), hindmarsh_rose_field, 3),
 }
 
 
@@ -110,6 +111,7 @@ def generate(system: str, steps: int, dt: float = 0.01, noise: float = 0.0, seed
         x0, field, observed = jnp.full((dim,), 8.0).at[0].add(0.01), lorenz96_field, dim
     elif system in SYSTEMS:
         x0, field, observed = SYSTEMS[system]
+        x0 = jnp.array(x0)
     else:
         raise ValueError(f"unknown system {system!r} ({', '.join(sorted([*SYSTEMS, 'lorenz96']))})")
     perturbed = 3 if system == "slowfast_drive" else observed  # its drive starts at (1, 0), as in slowfast

@@ -34,6 +34,7 @@ class Model:
     readout: str = "identity"
     unforced_init: float = 1.0  # initial scale of the unforced units' weight rows (ModelConfig)
     factory: str | None = None  # kind "custom": package.module:function (models/custom.py)
+    unforced_timescale: float | None = None  # the unforced units' a start at 1 − 1/τ, τ ≤ this (ModelConfig)
     # kind "lru" (models/lru.py): complex units per layer, layers, ring of |λ| at initialisation, max arg λ,
     # position-wise block ("glu" or "mlp")
     state: int = 0
@@ -53,7 +54,7 @@ class Model:
             raise ValueError(f"model.latent ({cfg.latent}) is smaller than the observed dimension "
                              f"({observed}); an identity readout needs latent >= observed")
         model = cls(cfg.kind, cfg.latent, observed, cfg.hidden, cfg.nonlinear, cfg.readout, cfg.unforced_init,
-                    cfg.factory)
+                    cfg.factory, unforced_timescale=cfg.unforced_timescale)
         if model.kind == "custom":
             model.custom()  # import and check it now: a bad factory is bad input, reported before training
         return model
@@ -113,6 +114,10 @@ class Model:
             # default coupling, so it starts contractive for a small factor (GTF does not damp these units).
             W = "W1" if "W1" in F else "W"
             F[W] = F[W].at[N:].multiply(self.unforced_init)
+        if self.readout == "identity" and M > N and self.unforced_timescale is not None and "a" in F:
+            # slow units: a = 1 − 1/τ with τ log-spaced over [10, unforced_timescale] (the slowest last)
+            tau = jnp.geomspace(10.0, self.unforced_timescale, M - N)
+            F["a"] = F["a"].at[N:].set((1.0 - 1.0 / tau).astype(F["a"].dtype))
         if self.readout == "identity":
             readout = {"L": jnp.zeros((M - N, N))} if M > N else {}  # Orbax stores no empty arrays
         else:

@@ -326,11 +326,15 @@ def run(cfg: Config, control: Control | None = None) -> dict:
                            f"{1.0 / max(last['step_time_s'], 1e-9):.1f} it/s"
                            + (f" skipped {last['skipped']}" if last["skipped"] else ""))
                 if last["skipped"] > skip_budget:
-                    failed = (f"{last['skipped']} of {done} updates skipped (Newton solve failed, last result "
-                              f"{Result(last['result']).name}, residual {last['newton_residual']:.3g}), more than "
+                    # a converged (or sequential) solve that was skipped had a non-finite loss or gradient
+                    newton = Result(last["result"]) != Result.SUCCESS
+                    cause = (f"Newton solve failed, last result {Result(last['result']).name}, residual "
+                             f"{last['newton_residual']:.3g}" if newton else "non-finite loss or gradient")
+                    remedy = "solver.fallback=true or a larger solver.max_iter" if newton else \
+                        "a smaller train.lr or train.clip"
+                    failed = (f"{last['skipped']} of {done} updates skipped ({cause}), more than "
                               f"train.max_skipped={cfg.train.max_skipped} of {total} steps; saved step {done}; rerun "
-                              "with a larger train.max_skipped to continue, or start a new run with "
-                              "solver.fallback=true or a larger solver.max_iter")
+                              f"with a larger train.max_skipped to continue, or start a new run with {remedy}")
                     stop = True
             if done % cfg.checkpoint.every == 0 or done == total or stop:
                 t_save = time.perf_counter()

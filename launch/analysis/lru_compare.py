@@ -72,8 +72,10 @@ def train(out, system, arm, noise, seed, core):
     print(f"{arm} noise {noise} seed {seed}: rc {rc}, {time.time() - t:.0f} s", flush=True)
 
 
-def pool(jobs):
-    """Two workers, pinned to cores 0 and 1."""
+def pool(jobs, run=None):
+    """Two workers, pinned to cores 0 and 1: each pops a job and calls ``run(*job, core)`` (default
+    :func:`train`)."""
+    run = run or train
     lock = threading.Lock()
 
     def worker(core):
@@ -82,7 +84,7 @@ def pool(jobs):
                 if not jobs:
                     return
                 job = jobs.pop(0)
-            train(*job, core)
+            run(*job, core)
 
     threads = [threading.Thread(target=worker, args=(c,)) for c in (0, 1)]
     for th in threads:

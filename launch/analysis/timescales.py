@@ -1,0 +1,283 @@
+"""Long time scales: whole series against the best of three window arms at equal wall time
+(docs/results.md, "Long time scales: where the whole series wins").
+
+    python launch/analysis/timescales.py data  OUT                          # every case's series
+    python launch/analysis/timescales.py probe OUT CASE                     # each arm's seconds per update
+    python launch/analysis/timescales.py run   OUT CASE SEEDS --arms whole --whole-steps S
+    python launch/analysis/timescales.py run   OUT CASE SEEDS --arms win200,win1000,carried,win200-equal
+    python launch/analysis/timescales.py floor OUT                          # true series against the test series
+    python launch/analysis/timescales.py table OUT                          # OUT/summary.json and the rows
+
+Cases: ``bursting`` (Hindmarsh–Rose, the membrane potential alone, delay-embedded), ``drive`` (slow–fast,
+drive observed), ``hidden`` (slow–fast, drive hidden), ``control`` (Hindmarsh–Rose, all variables), and for
+the diagnosis ``oscillator`` (the drive u alone).  ``--variant`` adds the same overrides to every arm
+(``-slow``: slowly decaying unforced units; ``-free``: no forcing, α = 0).  Each
+case trains on one noisy series (seed 0) and is tested on one clean series (seed 1, ≥ 10 slow periods), the
+same files for every arm and seed.  Arms: the case's config as it stands (whole series, GTF-DEER) and
+windows of 200, windows of 1000, carried windows of 200 (GTF-BPTT through lax.scan, 16 per update); no arm is
+tuned.  Equal wall time: the whole series runs ``--whole-steps`` updates first (its seconds per update vary
+with the Newton iterations); each window arm then gets ``train.steps`` = the whole series' measured training
+time ÷ the arm's probed seconds per update (steady: no Newton solve), so that the learning-rate and α
+schedules span its run, as for any run of that length.  ``win200-equal`` gives windows of 200 the whole
+series' number of updates.  Runs go two at a time, each pinned to one core (``taskset``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from lru_compare import fixed_point, median_mad, pool  # noqa: E402
+
+WINDOWS = ["train.batch=16", "solver.kind=sequential"]
+ARMS = {"whole": [], "win200": ["train.seq_len=200", *WINDOWS], "win1000": ["train.seq_len=1000", *WINDOWS],
+        "carried": ["train.seq_len=200", "train.carry=true", *WINDOWS]}
+# case: (config, train file, test file, overrides)
+CASES = {"bursting": ("configs/bursting-membrane.yaml", "hr/train.zarr", "hr/test.zarr", []),
+         "drive": ("configs/slowfast-drive.yaml", "sfd/train.zarr", "sfd/test.zarr", []),
+         "hidden": ("configs/slowfast.yaml", "sf/train.zarr", "sf/test.zarr", []),
+         "control": ("configs/bursting.yaml", "hrc/train.zarr", "hrc/test.zarr", []),
+         # diagnosis: the drive u alone (a noisy harmonic of period 20 000 steps), one observed unit + 2 free
+         "oscillator": ("configs/slowfast-drive.yaml", "osc/train.zarr", "osc/test.zarr",
+                        ["model.latent=3", "data.dt=0.01"])}
+# the channel whose block mean follows the slow variable: u (drive observed), z (ρ = 28 + 10u lifts z), the
+# membrane potential (bursts raise its mean) — in the embedding its current value
+SLOW_CHANNEL = {"bursting": 0, "drive": 3, "hidden": 2, "control": 0, "oscillator": 0}
+# a change tested the same way as the plain arms (run dirs ARM+VARIANT-seedS): name -> overrides for every arm
+VARIANTS = {"": [], "-slow": ["model.unforced_timescale=100000"],
+            # no forcing at all: the loss is the free run's, over the whole series or each window
+            "-free": ["gtf.mode=constant", "gtf.alpha=0.0", "model.unforced_timescale=100000"]}
+PROBE_STEPS = {"whole": 40, "win200": 1500, "win1000": 400, "carried": 1500}
+
+
+def sh(*cmd):
+    subprocess.run(cmd, check=True)
+
+
+def data(out):
+    """The series: training seed 0 with 5 % noise, test seed 1 clean."""
+    def gen(system, steps, noise, seed, path, dt):
+        if not os.path.exists(path):
+            sh("distdeer", "data", "generate", system, "--steps", str(steps), "--dt", str(dt), "--noise", str(noise),
+               "--seed", str(seed), "--out", path)
+
+    o = lambda p: os.path.join(out, p)  # noqa: E731
+    for d in ("hr", "sfd", "sf", "hrc", "osc"):
+        os.makedirs(o(d), exist_ok=True)
+    gen("slowfast_drive", 100_000, 0.05, 0, o("sfd/train.zarr"), 0.01)
+    gen("slowfast_drive", 200_000, 0.0, 1, o("sfd/test.zarr"), 0.01)
+    gen("slowfast", 100_000, 0.05, 0, o("sf/train.zarr"), 0.01)
+    gen("slowfast", 200_000, 0.0, 1, o("sf/test.zarr"), 0.01)
+    gen("hindmarsh_rose", 100_000, 0.05, 0, o("hrc/train.zarr"), 0.05)
+    gen("hindmarsh_rose", 100_000, 0.0, 1, o("hrc/test.zarr"), 0.05)
+    if not os.path.exists(o("hr/train.zarr")):
+        sh("distdeer", "data", "embed", o("hrc/train.zarr"), "--channel", "0", "--out", o("hr/train.zarr"))
+        sh("distdeer", "data", "embed", o("hrc/test.zarr"), "--channel", "0", "--like", o("hr/train.zarr"),
+           "--out", o("hr/test.zarr"))
+    from distdeer.data import store
+
+    for name in ("train", "test"):  # the oscillator: the drive channel u of the slow–fast series
+        if not os.path.exists(o(f"osc/{name}.zarr")):
+            np.save(o(f"osc/{name}.npy"), store.read_data_units(o(f"sfd/{name}.zarr"))[:, 3:4])
+            sh("distdeer", "data", "import", o(f"osc/{name}.npy"), "--out", o(f"osc/{name}.zarr"))
+
+
+def command(out, case, arm, seed, steps, run_dir, core, variant=""):
+    cfg, train_file, test_file, extra = CASES[case]
+    return ["taskset", "-c", str(core), "distdeer", "train", cfg, f"run.dir={run_dir}", f"seed={seed}",
+            f"data.path={os.path.join(out, train_file)}", f"eval.data={os.path.join(out, test_file)}",
+            f"train.steps={steps}", f"train.log_every={max(1, steps // 200)}",
+            f"checkpoint.every={max(1, steps // 4)}", *extra, *ARMS[arm.removesuffix("-equal")], *VARIANTS[variant]]
+
+
+def probe_one(out, case, arm, core):
+    d = os.path.join(out, "probe", f"{case}-{arm}")
+    if not os.path.exists(os.path.join(d, "metrics.jsonl")):
+        cmd = command(out, case, arm, 0, PROBE_STEPS[arm], d, core) + ["eval.at_end=false"]
+        with open(d + ".log", "w") as log:
+            subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def seconds_per_update(out, case, arm):
+    """Median step time of the probe's logged rows after the first (the first holds compilation)."""
+    rows = [json.loads(line) for line in open(os.path.join(out, "probe", f"{case}-{arm}", "metrics.jsonl"))]
+    return float(np.median([r["step_time_s"] for r in rows[1:]]))
+
+
+def run_one(out, case, arm, seed, whole_steps, variant, core):
+    d = os.path.join(out, case, f"{arm}{variant}-seed{seed}")
+    if os.path.exists(os.path.join(d, "eval.json")):
+        return
+    whole = os.path.join(out, case, f"whole{variant}-seed{seed}", "metrics.jsonl")
+    if arm == "whole":
+        steps = whole_steps
+    else:
+        while not os.path.exists(os.path.join(os.path.dirname(whole), "eval.json")):
+            time.sleep(10)  # the whole series of this seed is still training on the other core
+        last = json.loads(open(whole).read().splitlines()[-1])  # the whole series' run of this seed
+        steps = last["step"] if arm == "win200-equal" else \
+            max(1, int(last["elapsed_s"] / seconds_per_update(out, case, arm.removesuffix("-equal"))))
+    t = time.time()
+    os.makedirs(os.path.dirname(d), exist_ok=True)
+    with open(d + ".log", "w") as log:
+        rc = subprocess.call(command(out, case, arm, seed, steps, d, core, variant), stdout=log,
+                             stderr=subprocess.STDOUT)
+    with open(d + ".wall.json", "w") as f:
+        json.dump({"rc": rc, "wall_s_with_eval": time.time() - t, "steps": steps, "core": core}, f)
+    print(f"{case} {arm}{variant} seed {seed}: rc {rc}, {steps} steps, {time.time() - t:.0f} s", flush=True)
+
+
+def floor(out, seeds=(2, 3, 4, 5)):
+    """Each case's measures between its test series and independent clean series of the same length (other
+    seeds; a slow–fast drive started at a random phase, as a model's free run has one): the floor and spread
+    the arms' numbers compare with.  Writes OUT/floor.json."""
+    import jax
+    import jax.numpy as jnp
+
+    from distdeer import metrics
+    from distdeer.data import embed, store, systems
+    from distdeer.eval import divergences
+
+    rng = np.random.default_rng(0)
+    res = {}
+    for case, (cfg_path, train_file, test_file, _) in CASES.items():
+        if case == "oscillator":
+            continue  # a harmonic: any two series of it agree up to their phase
+        import yaml
+
+        block = yaml.safe_load(open(cfg_path))["eval"]["slow_block"]
+        attrs = store.attributes(store.open_series(os.path.join(out, train_file)))
+        mean, std = np.asarray(attrs["mean"]), np.asarray(attrs["std"])
+        test = (store.read_data_units(os.path.join(out, test_file)) - mean) / std
+        rows = []
+        for seed in seeds:
+            if case in ("drive", "hidden"):
+                p = rng.uniform(0, 2 * np.pi)
+                x0 = jnp.array([1.0, 1.0, 20.0, np.cos(p), np.sin(p)])
+                x0 = x0.at[:3].add(0.1 * jax.random.normal(jax.random.PRNGKey(seed), (3,)))
+                raw = np.asarray(systems.integrate(systems.slowfast_field, x0, len(test), 0.01, transient=2000))
+                raw = raw[:, :4 if case == "drive" else 3]
+            else:
+                emb = attrs.get("embedding")
+                steps = len(test) + (0 if emb is None else (emb["dim"] - 1) * emb["lag"])
+                raw = np.asarray(systems.generate("hindmarsh_rose", steps, 0.05, 0.0, seed), np.float64)
+                if emb is not None:
+                    raw = embed.delay_embed(raw[:, emb["channel"]], emb["lag"], emb["dim"])
+            x = (raw - mean) / std
+            d = divergences(test, x)
+            rows.append({"seed": seed, "D_stsp": d["D_stsp"]["value"], "D_H": d["D_H"]["value"],
+                         "D_slow": metrics.slow_scale_distance(test, x, block)})
+        res[case] = {"rows": rows, **{k: median_mad([r[k] for r in rows]) for k in ("D_stsp", "D_H", "D_slow")}}
+        print(case, {k: res[case][k] for k in ("D_stsp", "D_H", "D_slow")}, flush=True)
+    json.dump(res, open(os.path.join(out, "floor.json"), "w"), indent=1)
+
+
+def dominant_period(x, block, channel):
+    """Steps per cycle of the strongest non-zero frequency of ``x[:, channel]``'s block means (None if flat)."""
+    m = x[: len(x) // block * block, channel].reshape(-1, block).mean(1)
+    power = np.abs(np.fft.rfft(m - m.mean())) ** 2
+    if not np.all(np.isfinite(power)) or power[1:].max() == 0:
+        return None
+    return float(len(m) * block / (1 + np.argmax(power[1:])))
+
+
+def memories(run_dir):
+    """The longest memory, in steps, of the trained model's unforced units: −1/log|μ| for the largest
+    eigenvalue modulus μ of their Jacobian block, averaged over the free run's states (every 100th), and of
+    their linear weights a alone; None for a model without unforced units."""
+    import jax
+    import jax.numpy as jnp
+
+    from distdeer import eval as ev
+
+    cfg, model, params, norm, _ = ev.load_run(run_dir)
+    N = model.observed
+    if model.latent == N or model.readout != "identity":
+        return None
+    g = (np.load(os.path.join(run_dir, "generated.npy")) - np.asarray(norm["mean"])) / np.asarray(norm["std"])
+    z0 = model.initial_state(params, jnp.asarray(g[0], jnp.float32))
+    states = jax.lax.scan(lambda v, _: (model.F(params["F"], v), v), z0, None, length=20_000)[1][::100]
+    mu = [np.abs(np.linalg.eigvals(np.asarray(model.jac(params["F"], s))[N:, N:])).max() for s in states]
+    memory = lambda m: float(-1.0 / np.log(min(m, 1 - 1e-9)))  # noqa: E731
+    return {"jacobian_block": memory(float(np.mean(mu))),
+            "a": [memory(float(v)) for v in np.asarray(params["F"]["a"])[N:]]}
+
+
+def periods(runs):
+    """The models' slow periods per seed and the data's, in steps."""
+    model = ", ".join("—" if p["slow_period_model"] is None else f"{p['slow_period_model']:.0f}" for p in runs)
+    return f"{model} (data {runs[0]['slow_period_data']:.0f})"
+
+
+def table(out):
+    from distdeer.data import store
+
+    rows = {}
+    for case in CASES:
+        for arm in [a + v for v in VARIANTS for a in (*ARMS, "win200-equal")]:
+            per = []
+            for name in sorted(os.listdir(os.path.join(out, case))) if os.path.isdir(os.path.join(out, case)) else []:
+                if not (name.startswith(arm + "-seed") and os.path.isdir(os.path.join(out, case, name))):
+                    continue
+                d = os.path.join(out, case, name)
+                if not os.path.exists(os.path.join(d, "eval.json")):
+                    continue
+                e = json.load(open(os.path.join(d, "eval.json")))
+                m = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+                lyap = e["lyapunov_max"]
+                block, ch = e["D_slow"]["block"], SLOW_CHANNEL[case]
+                per.append({"slow_period_model": dominant_period(np.load(os.path.join(d, "generated.npy")), block, ch),
+                            "slow_period_data": dominant_period(store.read_data_units(os.path.join(out, CASES[case][2])),
+                                                                block, ch),"seed": int(name.rsplit("seed", 1)[1]), "steps": m[-1]["step"],
+                            "train_s": m[-1]["elapsed_s"], "D_stsp": e["D_stsp"]["value"], "D_H": e["D_H"]["value"],
+                            "D_slow": e["D_slow"]["value"], "PE20": e["PE"]["value"],
+                            "lyapunov_max": lyap.get("per_time_unit"), "diverged": e["diverged"],
+                            "fixed_point": fixed_point(d), "final_alpha": m[-1]["alpha"],
+                            "newton_iterations_2nd_half": float(np.mean([r["newton_iterations"]
+                                                                         for r in m[len(m) // 2:]])),
+                            "unforced_memory_steps": memories(d)})
+            if per:
+                summary = {k: median_mad([p[k] for p in per])
+                           for k in ("D_stsp", "D_H", "D_slow", "PE20", "lyapunov_max", "train_s", "steps")}
+                rows[f"{case}/{arm}"] = {"summary": summary, "runs": per}
+    json.dump(rows, open(os.path.join(out, "summary.json"), "w"), indent=1)
+    cell = lambda s, k: "—" if s[k] is None else f"{s[k]['median']:.3g} ± {s[k]['mad']:.2g}"  # noqa: E731
+    for key, r in rows.items():
+        s = r["summary"]
+        print(f"| {key} | {len(r['runs'])} | {cell(s, 'steps')} | {cell(s, 'train_s')} | {cell(s, 'D_slow')} | "
+              f"{cell(s, 'D_stsp')} | {cell(s, 'D_H')} | {cell(s, 'PE20')} | {cell(s, 'lyapunov_max')} | "
+              f"{sum(p['diverged'] or p['fixed_point'] for p in r['runs'])} | {periods(r['runs'])} |")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["data", "probe", "run", "floor", "table"])
+    ap.add_argument("out")
+    ap.add_argument("case", nargs="?", help=f"one of {', '.join(CASES)}; run: a comma-separated list")
+    ap.add_argument("seeds", nargs="?", default="0")
+    ap.add_argument("--whole-steps", type=int, default=1500)
+    ap.add_argument("--arms", default="win200,win1000,carried,win200-equal")
+    ap.add_argument("--variant", default="", choices=sorted(VARIANTS))
+    a = ap.parse_args()
+    os.makedirs(os.path.join(a.out, "probe"), exist_ok=True)
+    if a.what == "data":
+        data(a.out)
+    elif a.what == "probe":
+        pool([(a.out, a.case, arm) for arm in ARMS], run=probe_one)
+        print({arm: seconds_per_update(a.out, a.case, arm) for arm in ARMS})
+    elif a.what == "run":
+        # in this order (the whole series first when listed): a window arm waits for its seed's whole series
+        pool([(a.out, case, arm, int(s), a.whole_steps, a.variant) for s in a.seeds.split(",")
+              for arm in a.arms.split(",") for case in a.case.split(",")], run=run_one)
+    elif a.what == "floor":
+        floor(a.out)
+    else:
+        table(a.out)
