@@ -85,15 +85,15 @@ def hindmarsh_rose_field(x: jax.Array, r: float = HR_R, current: float = 3.25) -
                       r * (4.0 * (x[0] + 1.6) - x[2])])
 
 
-# name: (initial state, vector field, number of leading state variables observed).  Plain tuples: a jax
-# array built at import would start JAX's backend before jax.distributed.initialize (multi-process runs)
+# name: (initial state, vector field, leading state variables observed, leading variables the seed perturbs).
+# Plain tuples: a jax array built at import would start JAX's backend before jax.distributed.initialize.
 SYSTEMS = {
-    "lorenz63": ((1.0, 1.0, 20.0), lorenz63_field, 3),
-    "rossler": ((1.0, 1.0, 0.0), rossler_field, 3),
-    "slowfast": ((1.0, 1.0, 20.0, 1.0, 0.0), slowfast_field, 3),
+    "lorenz63": ((1.0, 1.0, 20.0), lorenz63_field, 3, 3),
+    "rossler": ((1.0, 1.0, 0.0), rossler_field, 3, 3),
+    "slowfast": ((1.0, 1.0, 20.0, 1.0, 0.0), slowfast_field, 3, 3),
     # the same system with its drive u observed as a fourth channel (same seed: the same x, y, z)
-    "slowfast_drive": ((1.0, 1.0, 20.0, 1.0, 0.0), slowfast_field, 4),
-    "hindmarsh_rose": ((-1.0, 0.0, 3.0), hindmarsh_rose_field, 3),
+    "slowfast_drive": ((1.0, 1.0, 20.0, 1.0, 0.0), slowfast_field, 4, 3),
+    "hindmarsh_rose": ((-1.0, 0.0, 3.0), hindmarsh_rose_field, 3, 3),
 }
 
 
@@ -101,20 +101,19 @@ def generate(system: str, steps: int, dt: float = 0.01, noise: float = 0.0, seed
              dim: int = 10, transient: int = 2000) -> jax.Array:
     """Observations ``(steps, N)`` of ``system`` sampled every ``dt`` after a transient, with Gaussian
     observation noise of ``noise`` × the per-dimension standard deviation; not standardised.  The initial
-    state's observed variables get a seeded perturbation of 0.1 (a slow–fast drive always starts at u = 1,
-    v = 0: its phase is the same in every series)."""
+    state's observed variables get a seeded perturbation of 0.1 — a slow–fast drive none, observed or not: it
+    always starts at u = 1, v = 0, its phase the same in every series."""
     key = jax.random.PRNGKey(seed)
     k0, kn = jax.random.split(key)
     if system == "lorenz96":
         if dim < 4:
             raise ValueError(f"lorenz96 needs dim >= 4, got {dim}")
-        x0, field, observed = jnp.full((dim,), 8.0).at[0].add(0.01), lorenz96_field, dim
+        x0, field, observed, perturbed = jnp.full((dim,), 8.0).at[0].add(0.01), lorenz96_field, dim, dim
     elif system in SYSTEMS:
-        x0, field, observed = SYSTEMS[system]
+        x0, field, observed, perturbed = SYSTEMS[system]
         x0 = jnp.array(x0)
     else:
         raise ValueError(f"unknown system {system!r} ({', '.join(sorted([*SYSTEMS, 'lorenz96']))})")
-    perturbed = 3 if system == "slowfast_drive" else observed  # its drive starts at (1, 0), as in slowfast
     x0 = x0.at[:perturbed].add(0.1 * jax.random.normal(k0, (perturbed,)))
     x = integrate(field, x0, steps, dt, transient=transient)[:, :observed]
     if noise > 0:
