@@ -290,9 +290,9 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True, select
         raise EvalError(f"unknown checkpoint selection {select!r} (choose from {', '.join(SELECTIONS)})")
     # The test series is read before the selection (minutes) so that a missing one fails at once.
     x_test, source, digest = test_series(cfg, norm, cfg.eval.data if data is None else data)
-    if cfg.eval.slow_block is not None and len(x_test) < 8 * cfg.eval.slow_block:
+    if cfg.eval.slow_block is not None and len(x_test) < metrics.MIN_BLOCKS * cfg.eval.slow_block:
         raise EvalError(f"eval.slow_block {cfg.eval.slow_block}: the test series' {len(x_test)} steps hold fewer "
-                        f"than 8 blocks")
+                        f"than {metrics.MIN_BLOCKS} blocks")
     selection = select_checkpoint(run_dir) if select == "train" else None
     if selection is not None and selection["chosen"] != latest:
         _, model, params, _, step = load_run(run_dir, selection["chosen"])

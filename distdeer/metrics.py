@@ -114,6 +114,9 @@ def prediction_error(predict: Callable[[np.ndarray, int], np.ndarray], x_test, n
     return float(np.mean((pred - x[n:]) ** 2))
 
 
+MIN_BLOCKS = 8  # fewer blocks leave the envelope spectrum a handful of frequencies
+
+
 def block_features(x, block: int) -> np.ndarray:
     """The slow envelope of a series (T, N): per block of ``block`` steps each dimension's mean and
     standard deviation, (T // block, 2N) — the mean carries slow drifts of the level (a burst, a drive),
@@ -121,8 +124,8 @@ def block_features(x, block: int) -> np.ndarray:
     partial block is dropped."""
     x = np.asarray(x, np.float64)
     K = len(x) // block
-    if K < 8:
-        raise ValueError(f"block_features: {len(x)} steps hold {K} blocks of {block}; need at least 8")
+    if K < MIN_BLOCKS:
+        raise ValueError(f"block_features: {len(x)} steps hold {K} blocks of {block}; need at least {MIN_BLOCKS}")
     b = x[:K * block].reshape(K, block, x.shape[1])
     return np.concatenate([b.mean(1), b.std(1)], axis=1)
 

@@ -180,7 +180,9 @@ def floor(out, seeds=(2, 3, 4, 5)):
 
 def dominant_period(x, block, channel):
     """Steps per cycle of the strongest non-zero frequency of ``x[:, channel]``'s block means (None if flat)."""
-    m = x[: len(x) // block * block, channel].reshape(-1, block).mean(1)
+    from distdeer.metrics import block_features
+
+    m = block_features(x, block)[:, channel]  # the block means come first
     power = np.abs(np.fft.rfft(m - m.mean())) ** 2
     if not np.all(np.isfinite(power)) or power[1:].max() == 0:
         return None
