@@ -7,6 +7,10 @@ import json
 import matplotlib
 
 matplotlib.use("Agg")
+# Agg draws a path of one piece unless told to split it; a long free run that jitters at float resolution (a
+# model resting on a fixed point, its axes autoscaled down to 1e-8) then exceeds Agg's cell limit and the
+# figure raises OverflowError, ending the run's evaluation.  Pieces of 10 000 vertices draw it.
+matplotlib.rcParams["agg.path.chunksize"] = 10_000
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 

@@ -88,6 +88,19 @@ def test_figures_for_any_dimension(tmp_path, n):
         assert (tmp_path / name).stat().st_size > 5000
 
 
+def test_figure_of_a_fixed_point_jittering_at_float_resolution(tmp_path):
+    """A long free run resting on a fixed point, its values among four neighbouring floats: the axes
+    autoscale down to that bit and an unsplit path overflowed Agg's cell limit (OverflowError)."""
+    from distdeer import plots
+
+    x = np.sin(np.arange(200_000) * 3e-4)[:, None]
+    # a period-4 cycle over four neighbouring floats, as a trained model's free run produced it
+    u = np.float32(1.0899e-4) + np.spacing(np.float32(1.0899e-4)) * np.array([0, 3, 1, 2], np.float32)
+    gen = np.tile(u, 50_000)[:, None]
+    plots.attractor_figure(x, gen, str(tmp_path / "a.png"))
+    assert (tmp_path / "a.png").stat().st_size > 5000
+
+
 @pytest.mark.parametrize("a,expected", [((0.5, 0.8), np.log(0.8)), ((0.9, 1.02), np.log(1.02))])
 def test_largest_lyapunov_of_a_linear_map_is_the_log_spectral_radius(a, expected):
     """F(z) = diag(a) z + h (a PLRNN with W = 0): every tangent vector ends on the dominant eigenvector,
