@@ -28,6 +28,7 @@ System = Literal["lorenz63", "rossler", "lorenz96", "slowfast", "slowfast_drive"
 ModelKind = Literal["shplrnn", "clipped_shplrnn", "alrnn", "plrnn", "lru", "custom"]
 Block = Literal["glu", "mlp"]
 Readout = Literal["identity", "affine"]
+Decay = Literal["linear", "exp"]
 GTFMode = Literal["adaptive", "constant"]
 NormKind = Literal["max", "geometric", "mean"]
 SolverKind = Literal["deer", "sequential", "scan"]
@@ -80,6 +81,12 @@ class ModelConfig:
     # Measured on the slow–fast system: training shortens them to 10–35 steps within 1500 updates
     # (docs/results.md, "Long time scales: where the whole series wins")
     unforced_timescale: float | None = None
+    # identity readout with M > N, PLRNN family: how the unforced units' linear weights are parametrised.
+    # linear: a itself; exp: a = exp(−exp ν) with ν the parameter (key "nu" of the map's parameters, "a"
+    # then holds the forced units' weights only).  Under exp every a lies in (0, 1) and an optimiser step
+    # scales a unit's memory −1/log a by a factor instead of moving a by an amount: a slow unit (1 − a ≈ 10^-3)
+    # is not pushed past 1, where over a whole series of 10^5 steps its state overflows
+    unforced_decay: Decay = "linear"
     # kind lru: complex recurrent units per layer, and layers (each followed by a residual block)
     state: int = 16
     layers: int = 1
@@ -324,6 +331,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.unforced_timescale: a time scale >= 10 steps for the unforced units of a PLRNN-"
                           f"family model with an identity readout, got {cfg.model.unforced_timescale} "
                           f"({cfg.model.kind}, readout {cfg.model.readout})")
+    if cfg.model.unforced_decay == "exp" and (cfg.model.kind in ("lru", "custom") or cfg.model.readout != "identity"):
+        raise ConfigError(f"model.unforced_decay: exp applies to the unforced units of a PLRNN-family model with an "
+                          f"identity readout, got {cfg.model.kind}, readout {cfg.model.readout}")
     if cfg.model.kind == "lru":
         if not 0.0 <= cfg.model.r_min < cfg.model.r_max < 1.0:
             raise ConfigError(f"model.r_min, model.r_max: need 0 <= r_min < r_max < 1, got {cfg.model.r_min}, "

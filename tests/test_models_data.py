@@ -2,6 +2,7 @@
 
 import os
 import re
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,35 @@ def test_unforced_timescale_sets_the_unforced_units_memories(kind):
     for k in p["F"]:
         if k != "a":
             np.testing.assert_array_equal(q["F"][k], p["F"][k])
+
+
+@pytest.mark.parametrize("kind", ["clipped_shplrnn", "alrnn"])
+def test_exp_decay_is_the_same_map_with_the_chain_rule_gradient(kind):
+    """model.unforced_decay exp: the unforced units' a = exp(−exp ν).  At the same initialisation it is the
+    linear parametrisation's map (outputs, Jacobians, regulariser); the gradient of a 60-step free run's loss
+    (lax.scan) with respect to ν is the linear model's gradient with respect to those a times da/dν =
+    −exp(ν) a."""
+    cfg = dict(kind=kind, latent=7, hidden=20, nonlinear=3, unforced_timescale=1e3)
+    lin = Model.from_config(ModelConfig(**cfg), 3)
+    exp = Model.from_config(ModelConfig(**cfg, unforced_decay="exp"), 3)
+    p, q = lin.init(jax.random.PRNGKey(5))["F"], exp.init(jax.random.PRNGKey(5))["F"]
+    assert q["a"].shape == (3,) and q["nu"].shape == (4,)
+    np.testing.assert_allclose(exp.map_params(q)["a"], p["a"], rtol=1e-6)
+    z = jax.random.normal(jax.random.PRNGKey(6), (7,))
+    np.testing.assert_allclose(exp.F(q, z), lin.F(p, z), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(exp.jac(q, z), lin.jac(p, z), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(exp.regulariser({"F": q, "readout": {}}, 0.1),
+                               lin.regulariser({"F": p, "readout": {}}, 0.1), rtol=1e-5)
+
+    def loss(model, F):
+        zs = jax.lax.scan(lambda v, _: (model.F(F, v), v), z, None, length=60)[1]
+        return jnp.sum(zs ** 2)
+
+    g_lin, g_exp = jax.grad(partial(loss, lin))(p), jax.grad(partial(loss, exp))(q)
+    a = np.asarray(p["a"][3:], np.float64)
+    np.testing.assert_allclose(g_exp["nu"], np.asarray(g_lin["a"][3:]) * (-np.exp(np.asarray(q["nu"])) * a),
+                               rtol=1e-3)
+    np.testing.assert_allclose(g_exp["a"], g_lin["a"][:3], rtol=1e-4)
 
 
 def test_alpha_rule_and_norm_estimates():

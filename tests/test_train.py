@@ -194,6 +194,8 @@ def test_sigterm_during_the_final_evaluation_keeps_the_finished_run(tmp_path):
     (None, ["model.unforced_init=-0.1"], "model.unforced_init: must be >= 0"),
     (None, ["model.unforced_timescale=5"], "model.unforced_timescale: a time scale >= 10"),
     (None, ["model.unforced_timescale=1000", "model.readout=affine"], "model.unforced_timescale"),
+    (None, ["model.unforced_decay=exp", "model.kind=lru"], "model.unforced_decay: exp applies"),
+    (None, ["model.unforced_decay=log"], "model.unforced_decay: must be one of linear, exp"),
     (None, ["eval.slow_block=0"], "eval.slow_block: must be > 0"),
     (None, ["mesh.devices=64"], "devices"),
 ])
@@ -744,6 +746,22 @@ def test_too_many_skipped_updates_stop_the_run_with_one_line(tmp_path):
     assert inspect(fresh)["params_sha256"] == info["params_sha256"]  # step 1 of the same start: untouched
     proc = cli("train", cfg, "train.max_skipped=0.5")
     assert proc.returncode == 1 and "21 of 21 updates skipped" in proc.stderr
+
+
+def test_an_overflowing_trajectory_is_named_as_the_cause_not_the_solver(tmp_path):
+    """Unforced linear units made expansive (ALRNN without ReLU units, their weights × 50): their state
+    grows ~e^k and leaves float range within the 1500 steps.  With the fallback on, the step-by-step
+    recurrence overflows as well, so the stop names the trajectory and the remedies that apply — not
+    the solver settings that are already on."""
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path, run, model__kind="alrnn", model__nonlinear=0, model__latent=6,
+                       model__unforced_init=50.0, train__steps=20, train__max_skipped=0.1)
+    proc = cli("train", cfg)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.startswith("distdeer")]
+    assert len(err) == 1 and "the forced trajectory is non-finite" in err[0], proc.stderr[-2000:]
+    assert "model.unforced_decay=exp" in err[0] and "solver.fallback=true" not in err[0]
+    assert metrics(run)[-1]["result"] == 2  # Result.NONFINITE
 
 
 def test_a_sharded_warm_start_restores_onto_other_device_counts(tmp_path):

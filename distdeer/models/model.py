@@ -35,6 +35,7 @@ class Model:
     unforced_init: float = 1.0  # initial scale of the unforced units' weight rows (ModelConfig)
     factory: str | None = None  # kind "custom": package.module:function (models/custom.py)
     unforced_timescale: float | None = None  # the unforced units' a start at 1 − 1/τ, τ ≤ this (ModelConfig)
+    unforced_decay: str = "linear"  # exp: the unforced units' a = exp(−exp ν), ν the parameter (ModelConfig)
     # kind "lru" (models/lru.py): complex units per layer, layers, ring of |λ| at initialisation, max arg λ,
     # position-wise block ("glu" or "mlp")
     state: int = 0
@@ -54,7 +55,7 @@ class Model:
             raise ValueError(f"model.latent ({cfg.latent}) is smaller than the observed dimension "
                              f"({observed}); an identity readout needs latent >= observed")
         model = cls(cfg.kind, cfg.latent, observed, cfg.hidden, cfg.nonlinear, cfg.readout, cfg.unforced_init,
-                    cfg.factory, unforced_timescale=cfg.unforced_timescale)
+                    cfg.factory, unforced_timescale=cfg.unforced_timescale, unforced_decay=cfg.unforced_decay)
         if model.kind == "custom":
             model.custom()  # import and check it now: a bad factory is bad input, reported before training
         return model
@@ -63,7 +64,26 @@ class Model:
         return custom_mod.load(self.factory, self.latent, self.hidden)
 
     # -- the map and its Jacobians -------------------------------------------------------------
+    @property
+    def _exp_decay(self) -> bool:
+        return self.unforced_decay == "exp" and self.readout == "identity" and self.latent > self.observed
+
+    def map_params(self, F_params: dict) -> dict:
+        """The map's parameters as its functions (``models.plrnn``) take them: under ``unforced_decay: exp``
+        ``a = [a_forced; exp(−exp ν)]`` (M,) from ``a`` (N,) and ``nu`` (M−N,); otherwise unchanged."""
+        if not self._exp_decay:
+            return F_params
+        rest = {k: v for k, v in F_params.items() if k != "nu"}
+        return {**rest, "a": jnp.concatenate([F_params["a"], jnp.exp(-jnp.exp(F_params["nu"]))])}
+
     def _fns(self) -> tuple[Callable, Callable, Callable]:
+        fns = self._plain_fns()
+        if not self._exp_decay:
+            return fns
+        # every use of the map (solver, GTF, free run, Jacobian norms, λ_max) goes through these
+        return tuple(lambda p, z, f=f: f(self.map_params(p), z) for f in fns)
+
+    def _plain_fns(self) -> tuple[Callable, Callable, Callable]:
         if self.kind == "shplrnn":
             return plrnn.shplrnn, plrnn.shplrnn_jac, plrnn.shplrnn_jac_diag
         if self.kind == "clipped_shplrnn":
@@ -118,6 +138,9 @@ class Model:
             # slow units: a = 1 − 1/τ with τ log-spaced over [10, unforced_timescale] (the slowest last)
             tau = jnp.geomspace(10.0, self.unforced_timescale, M - N)
             F["a"] = F["a"].at[N:].set((1.0 - 1.0 / tau).astype(F["a"].dtype))
+        if self._exp_decay and "a" in F:  # the same initial a, held as ν = log(−log a)
+            F["nu"] = jnp.log(-jnp.log(F["a"][N:]))
+            F["a"] = F["a"][:N]
         if self.readout == "identity":
             readout = {"L": jnp.zeros((M - N, N))} if M > N else {}  # Orbax stores no empty arrays
         else:
@@ -175,6 +198,7 @@ class Model:
         elif self.kind == "lru":  # weight decay on the matrices; the eigenvalues and norms stay free
             reg = sum(jnp.sum(F[k] ** 2) for k in lru.MATRICES)
         else:
+            F = self.map_params(F)
             reg = jnp.sum((1.0 - F["a"]) ** 2) + sum(jnp.sum(v ** 2) for k, v in F.items() if k != "a")
         if self.readout == "affine":
             B = params["readout"]["B"]

@@ -332,6 +332,13 @@ def run(cfg: Config, control: Control | None = None) -> dict:
                              f"{last['newton_residual']:.3g}" if newton else "non-finite loss or gradient")
                     remedy = "solver.fallback=true or a larger solver.max_iter" if newton else \
                         "a smaller train.lr or train.clip"
+                    if Result(last["result"]) == Result.NONFINITE and cfg.solver.fallback:
+                        # the fallback evaluated the recurrence step by step and it overflowed as well: the
+                        # model's own forced trajectory leaves float range, no solver setting helps
+                        cause = ("the forced trajectory is non-finite: the sequential fallback overflowed too, last "
+                                 "result NONFINITE")
+                        remedy = ("a smaller train.lr, or unforced units that cannot grow past a = 1 "
+                                  "(model.unforced_decay=exp)")
                     failed = (f"{last['skipped']} of {done} updates skipped ({cause}), more than "
                               f"train.max_skipped={cfg.train.max_skipped} of {total} steps; saved step {done}; rerun "
                               f"with a larger train.max_skipped to continue, or start a new run with {remedy}")

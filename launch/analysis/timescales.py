@@ -43,16 +43,24 @@ CASES = {"bursting": ("configs/bursting-membrane.yaml", "hr/train.zarr", "hr/tes
          "drive": ("configs/slowfast-drive.yaml", "sfd/train.zarr", "sfd/test.zarr", []),
          "hidden": ("configs/slowfast.yaml", "sf/train.zarr", "sf/test.zarr", []),
          "control": ("configs/bursting.yaml", "hrc/train.zarr", "hrc/test.zarr", []),
+         # the membrane potential alone, not embedded: z is left to the unforced units
+         "membrane": ("configs/bursting-raw.yaml", "hrr/train.zarr", "hrr/test.zarr", []),
          # diagnosis: the drive u alone (a noisy harmonic of period 20 000 steps), one observed unit + 2 free
          "oscillator": ("configs/slowfast-drive.yaml", "osc/train.zarr", "osc/test.zarr",
                         ["model.latent=3", "data.dt=0.01"])}
 # the channel whose block mean follows the slow variable: u (drive observed), z (ρ = 28 + 10u lifts z), the
 # membrane potential (bursts raise its mean) — in the embedding its current value
-SLOW_CHANNEL = {"bursting": 0, "drive": 3, "hidden": 2, "control": 0, "oscillator": 0}
+SLOW_CHANNEL = {"bursting": 0, "membrane": 0, "drive": 3, "hidden": 2, "control": 0, "oscillator": 0}
 # a change tested the same way as the plain arms (run dirs ARM+VARIANT-seedS): name -> overrides for every arm
 VARIANTS = {"": [], "-slow": ["model.unforced_timescale=100000"],
             # no forcing at all: the loss is the free run's, over the whole series or each window
-            "-free": ["gtf.mode=constant", "gtf.alpha=0.0", "model.unforced_timescale=100000"]}
+            "-free": ["gtf.mode=constant", "gtf.alpha=0.0", "model.unforced_timescale=100000"],
+            "-free0": ["gtf.mode=constant", "gtf.alpha=0.0"],
+            # weak constant forcing: the loss looks ~1/α steps ahead
+            "-a1e-3": ["gtf.mode=constant", "gtf.alpha=0.001"], "-a1e-2": ["gtf.mode=constant", "gtf.alpha=0.01"],
+            # a linear model (ALRNN without ReLU units): it holds a rotation exactly
+            "-lin-a1e-3": ["gtf.mode=constant", "gtf.alpha=0.001", "model.kind=alrnn", "model.nonlinear=0"],
+            "-lin-a1e-2": ["gtf.mode=constant", "gtf.alpha=0.01", "model.kind=alrnn", "model.nonlinear=0"]}
 PROBE_STEPS = {"whole": 40, "win200": 1500, "win1000": 400, "carried": 1500}
 
 
@@ -68,7 +76,7 @@ def data(out):
                "--seed", str(seed), "--out", path)
 
     o = lambda p: os.path.join(out, p)  # noqa: E731
-    for d in ("hr", "sfd", "sf", "hrc", "osc"):
+    for d in ("hr", "sfd", "sf", "hrc", "osc", "hrr"):
         os.makedirs(o(d), exist_ok=True)
     gen("slowfast_drive", 100_000, 0.05, 0, o("sfd/train.zarr"), 0.01)
     gen("slowfast_drive", 200_000, 0.0, 1, o("sfd/test.zarr"), 0.01)
@@ -80,6 +88,10 @@ def data(out):
         sh("distdeer", "data", "embed", o("hrc/train.zarr"), "--channel", "0", "--out", o("hr/train.zarr"))
         sh("distdeer", "data", "embed", o("hrc/test.zarr"), "--channel", "0", "--like", o("hr/train.zarr"),
            "--out", o("hr/test.zarr"))
+    for name in ("train", "test"):  # the membrane potential alone: a dimension-1 embedding keeps channel 0
+        if not os.path.exists(o(f"hrr/{name}.zarr")):
+            sh("distdeer", "data", "embed", o(f"hrc/{name}.zarr"), "--channel", "0", "--lag", "1", "--dim", "1",
+               "--out", o(f"hrr/{name}.zarr"))
     from distdeer.data import store
 
     for name in ("train", "test"):  # the oscillator: the drive channel u of the slow–fast series
@@ -178,6 +190,59 @@ def floor(out, seeds=(2, 3, 4, 5)):
     json.dump(res, open(os.path.join(out, "floor.json"), "w"), indent=1)
 
 
+def history_features(x, k, lags=8):
+    """Features of the last ``k`` steps of ``x`` (T, C) at every t ≥ k − 1: the values at ``lags`` lags
+    spread over [0, k − 1], their squares and products within a lag, and the mean of each channel and of its
+    square over the k steps → (T − k + 1, F)."""
+    T, C = x.shape
+    rows = []
+    for j in np.unique(np.linspace(0, k - 1, min(k, lags)).astype(int)):
+        v = x[k - 1 - j:T - j]
+        rows += [v] + [v[:, a:a + 1] * v[:, a:] for a in range(C)]
+    for w in (x, x ** 2):
+        c = np.concatenate([np.zeros((1, C)), np.cumsum(w, axis=0)])
+        rows.append((c[k:] - c[:-k]) / k)
+    return np.concatenate(rows, axis=1)
+
+
+def decode_r2(x, target, k, ridge=1e-3):
+    """R² on the last 30 % of a ridge regression of ``target`` (T,) on ``history_features(x, k)``, fitted on
+    the first 70 %: how much of the slow variable the last k forced observations already tell."""
+    f = history_features(x, k)
+    f = (f - f.mean(0)) / (f.std(0) + 1e-12)
+    f = np.concatenate([f, np.ones((len(f), 1))], axis=1)
+    y = target[k - 1:]
+    n = int(0.7 * len(f))
+    w = np.linalg.solve(f[:n].T @ f[:n] + ridge * n * np.eye(f.shape[1]), f[:n].T @ y[:n])
+    resid = y[n:] - f[n:] @ w
+    return float(1.0 - resid.var() / y[n:].var())
+
+
+def decode(out, histories=(1, 10, 30, 100, 300, 1000, 3000)):
+    """How long a history of the forced channels a model needs to know the hidden slow variable: R² of the
+    clean slow variable (the drive u; the adaptation current z) decoded from the last k steps of the noisy
+    observed channels that the training forces (x, y, z; the membrane potential).  Writes OUT/decode.json."""
+    from distdeer.data import store
+
+    o = lambda p: os.path.join(out, p)  # noqa: E731
+    os.makedirs(o("clean"), exist_ok=True)
+    for system, dt, name in (("slowfast_drive", 0.01, "sfd"), ("hindmarsh_rose", 0.05, "hrc")):
+        if not os.path.exists(o(f"clean/{name}.zarr")):  # the training series without its noise
+            sh("distdeer", "data", "generate", system, "--steps", "100000", "--dt", str(dt), "--noise", "0",
+               "--seed", "0", "--out", o(f"clean/{name}.zarr"))
+    sf, sf_clean = store.read_data_units(o("sf/train.zarr")), store.read_data_units(o("clean/sfd.zarr"))
+    hr, hr_clean = store.read_data_units(o("hrc/train.zarr")), store.read_data_units(o("clean/hrc.zarr"))
+    standard = lambda v: (v - v.mean(0)) / v.std(0)  # noqa: E731
+    emb = store.read_data_units(o("hr/train.zarr"))  # row r: the membrane potential at r + span, r + span − τ, …
+    cases = {"hidden: u from x, y, z": (standard(sf), sf_clean[:, 3]),
+             "bursting: z from the membrane potential": (standard(hr[:, :1]), hr_clean[:, 2]),
+             "bursting: z from its delay embedding": (standard(emb), hr_clean[len(hr) - len(emb):, 2])}
+    res = {name: {k: decode_r2(x, y, k) for k in histories} for name, (x, y) in cases.items()}
+    for name, r in res.items():
+        print(name, " ".join(f"k={k}: {v:.3f}" for k, v in r.items()), flush=True)
+    json.dump(res, open(o("decode.json"), "w"), indent=1)
+
+
 def dominant_period(x, block, channel):
     """Steps per cycle of the strongest non-zero frequency of ``x[:, channel]``'s block means (None if flat)."""
     from distdeer.metrics import block_features
@@ -261,7 +326,7 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["data", "probe", "run", "floor", "table"])
+    ap.add_argument("what", choices=["data", "probe", "run", "floor", "table", "decode"])
     ap.add_argument("out")
     ap.add_argument("case", nargs="?", help=f"one of {', '.join(CASES)}; run: a comma-separated list")
     ap.add_argument("seeds", nargs="?", default="0")
@@ -281,5 +346,7 @@ if __name__ == "__main__":
               for arm in a.arms.split(",") for case in a.case.split(",")], run=run_one)
     elif a.what == "floor":
         floor(a.out)
+    elif a.what == "decode":
+        decode(a.out)
     else:
         table(a.out)
