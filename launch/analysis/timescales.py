@@ -6,12 +6,15 @@
     python launch/analysis/timescales.py run   OUT CASE SEEDS --arms whole --whole-steps S
     python launch/analysis/timescales.py run   OUT CASE SEEDS --arms win200,win1000,carried,win200-equal
     python launch/analysis/timescales.py floor OUT                          # true series against the test series
-    python launch/analysis/timescales.py table OUT                          # OUT/summary.json and the rows
+    python launch/analysis/timescales.py table OUT [CASE,…]                 # OUT/summary.json and the rows
+    python launch/analysis/timescales.py decode OUT                         # the slow variable in the forced rows
 
-Cases: ``bursting`` (Hindmarsh–Rose, the membrane potential alone, delay-embedded), ``drive`` (slow–fast,
+Cases: ``bursting`` (Hindmarsh–Rose, the membrane potential alone, delay-embedded), ``membrane`` (the same
+potential not embedded: the adaptation z left to unforced units), ``drive`` (slow–fast,
 drive observed), ``hidden`` (slow–fast, drive hidden), ``control`` (Hindmarsh–Rose, all variables), and for
 the diagnosis ``oscillator`` (the drive u alone).  ``--variant`` adds the same overrides to every arm
-(``-slow``: slowly decaying unforced units; ``-free``: no forcing, α = 0).  Each
+(``-slow``: slowly decaying unforced units; ``-free``/``-free0``: no forcing, α = 0, with / without them;
+``-a1e-3``, ``-a1e-2``: weak constant forcing; ``-lin-…``: the same with a linear ALRNN).  Each
 case trains on one noisy series (seed 0) and is tested on one clean series (seed 1, ≥ 10 slow periods), the
 same files for every arm and seed.  Arms: the case's config as it stands (whole series, GTF-DEER) and
 windows of 200, windows of 1000, carried windows of 200 (GTF-BPTT through lax.scan, 16 per update); no arm is
@@ -243,6 +246,42 @@ def decode(out, histories=(1, 10, 30, 100, 300, 1000, 3000)):
     json.dump(res, open(o("decode.json"), "w"), indent=1)
 
 
+# case: (its training series, the clean series holding the slow variable, that variable's channel)
+SLOW_TRUTH = {"membrane": ("hrr/train.zarr", "clean/hrc.zarr", 2), "bursting": ("hr/train.zarr", "clean/hrc.zarr", 2),
+              "hidden": ("sf/train.zarr", "clean/sfd.zarr", 3), "drive": ("sfd/train.zarr", "clean/sfd.zarr", 3)}
+
+
+def slow_in_state(out, case, run_dir):
+    """R² (held-out last 30 %) of the clean slow variable decoded linearly from the trained model's unforced
+    units along its GTF-forced trajectory over the training series at the run's final α: whether the model,
+    while forced, carries the slow variable in its own state.  None without unforced units."""
+    import jax
+    import jax.numpy as jnp
+
+    from distdeer import eval as ev
+    from distdeer.data import store
+    from distdeer.gtf import ForcedStep
+
+    cfg, model, params, norm, _ = ev.load_run(run_dir)
+    N = model.observed
+    if model.latent == N or model.readout != "identity":
+        return None
+    train_file, clean_file, channel = SLOW_TRUTH[case]
+    x = (store.read_data_units(os.path.join(out, train_file)) - np.asarray(norm["mean"])) / np.asarray(norm["std"])
+    target = store.read_data_units(os.path.join(out, clean_file))[:, channel]
+    target = target[len(target) - len(x):]  # an embedding's row r is the time of its newest sample
+    alpha = json.loads(open(os.path.join(run_dir, "metrics.jsonl")).read().splitlines()[-1])["alpha"]
+    x = jnp.asarray(x, jnp.float32)
+    step = ForcedStep(model.F, alpha, model.forced_mask(), model.jac, model.jac_diag)
+    zhat = model.forcing(params, x)
+    states = jax.lax.scan(lambda z, h: (step(params["F"], z, h), z), model.initial_state(params, x[0]), zhat)[1]
+    h = np.asarray(states[:, N:], np.float64)
+    f = np.concatenate([h, h ** 2, np.ones((len(h), 1))], axis=1)
+    n = int(0.7 * len(f))
+    w = np.linalg.lstsq(f[:n], target[:n], rcond=None)[0]
+    return float(1.0 - np.var(target[n:] - f[n:] @ w) / np.var(target[n:]))
+
+
 def dominant_period(x, block, channel):
     """Steps per cycle of the strongest non-zero frequency of ``x[:, channel]``'s block means (None if flat)."""
     from distdeer.metrics import block_features
@@ -273,7 +312,7 @@ def memories(run_dir):
     mu = [np.abs(np.linalg.eigvals(np.asarray(model.jac(params["F"], s))[N:, N:])).max() for s in states]
     memory = lambda m: float(-1.0 / np.log(min(m, 1 - 1e-9)))  # noqa: E731
     return {"jacobian_block": memory(float(np.mean(mu))),
-            "a": [memory(float(v)) for v in np.asarray(params["F"]["a"])[N:]]}
+            "a": [memory(float(v)) for v in np.asarray(model.map_params(params["F"])["a"])[N:]]}
 
 
 def periods(runs):
@@ -282,11 +321,14 @@ def periods(runs):
     return f"{model} (data {runs[0]['slow_period_data']:.0f})"
 
 
-def table(out):
+def table(out, cases=None):
+    """Per case and arm the runs' measures and diagnostics (``cases``: a list, default all) → OUT/summary.json
+    (merged with what it holds for other cases) and one markdown row per case/arm."""
     from distdeer.data import store
 
-    rows = {}
-    for case in CASES:
+    path = os.path.join(out, "summary.json")
+    rows = json.load(open(path)) if cases and os.path.exists(path) else {}
+    for case in cases or CASES:
         for arm in [a + v for v in VARIANTS for a in (*ARMS, "win200-equal")]:
             per = []
             for name in sorted(os.listdir(os.path.join(out, case))) if os.path.isdir(os.path.join(out, case)) else []:
@@ -308,14 +350,17 @@ def table(out):
                             "fixed_point": fixed_point(d), "final_alpha": m[-1]["alpha"],
                             "newton_iterations_2nd_half": float(np.mean([r["newton_iterations"]
                                                                          for r in m[len(m) // 2:]])),
-                            "unforced_memory_steps": memories(d)})
+                            "unforced_memory_steps": memories(d),
+                            "slow_in_state_r2": slow_in_state(out, case, d) if case in SLOW_TRUTH else None})
             if per:
                 summary = {k: median_mad([p[k] for p in per])
                            for k in ("D_stsp", "D_H", "D_slow", "PE20", "lyapunov_max", "train_s", "steps")}
                 rows[f"{case}/{arm}"] = {"summary": summary, "runs": per}
-    json.dump(rows, open(os.path.join(out, "summary.json"), "w"), indent=1)
+    json.dump(rows, open(path, "w"), indent=1)
     cell = lambda s, k: "—" if s[k] is None else f"{s[k]['median']:.3g} ± {s[k]['mad']:.2g}"  # noqa: E731
     for key, r in rows.items():
+        if cases and key.split("/")[0] not in cases:
+            continue
         s = r["summary"]
         print(f"| {key} | {len(r['runs'])} | {cell(s, 'steps')} | {cell(s, 'train_s')} | {cell(s, 'D_slow')} | "
               f"{cell(s, 'D_stsp')} | {cell(s, 'D_H')} | {cell(s, 'PE20')} | {cell(s, 'lyapunov_max')} | "
@@ -349,4 +394,4 @@ if __name__ == "__main__":
     elif a.what == "decode":
         decode(a.out)
     else:
-        table(a.out)
+        table(a.out, a.case.split(",") if a.case else None)
