@@ -337,8 +337,8 @@ def run(cfg: Config, control: Control | None = None) -> dict:
                         # model's own forced trajectory leaves float range, no solver setting helps
                         cause = ("the forced trajectory is non-finite: the sequential fallback overflowed too, last "
                                  "result NONFINITE")
-                        remedy = ("a smaller train.lr, or unforced units that cannot grow past a = 1 "
-                                  "(model.unforced_decay=exp)")
+                        remedy = ("a smaller train.lr, contractive unforced units at the start (a smaller "
+                                  "model.unforced_init), or unforced a held below 1 (model.unforced_decay=exp)")
                     failed = (f"{last['skipped']} of {done} updates skipped ({cause}), more than "
                               f"train.max_skipped={cfg.train.max_skipped} of {total} steps; saved step {done}; rerun "
                               f"with a larger train.max_skipped to continue, or start a new run with {remedy}")

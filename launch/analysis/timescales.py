@@ -5,7 +5,7 @@
     python launch/analysis/timescales.py probe OUT CASE                     # each arm's seconds per update
     python launch/analysis/timescales.py run   OUT CASE SEEDS --arms whole --whole-steps S
     python launch/analysis/timescales.py run   OUT CASE SEEDS --arms win200,win1000,carried,win200-equal
-    python launch/analysis/timescales.py floor OUT                          # true series against the test series
+    python launch/analysis/timescales.py floor OUT [CASE,…]                 # true series against the test series
     python launch/analysis/timescales.py table OUT [CASE,…]                 # OUT/summary.json and the rows
     python launch/analysis/timescales.py decode OUT                         # the slow variable in the forced rows
 
@@ -148,7 +148,7 @@ def run_one(out, case, arm, seed, whole_steps, variant, core):
     print(f"{case} {arm}{variant} seed {seed}: rc {rc}, {steps} steps, {time.time() - t:.0f} s", flush=True)
 
 
-def floor(out, seeds=(2, 3, 4, 5)):
+def floor(out, seeds=(2, 3, 4, 5), cases=None):
     """Each case's measures between its test series and independent clean series of the same length (other
     seeds; a slow–fast drive started at a random phase, as a model's free run has one): the floor and spread
     the arms' numbers compare with.  Writes OUT/floor.json."""
@@ -160,9 +160,10 @@ def floor(out, seeds=(2, 3, 4, 5)):
     from distdeer.eval import divergences
 
     rng = np.random.default_rng(0)
-    res = {}
+    path = os.path.join(out, "floor.json")
+    res = json.load(open(path)) if cases and os.path.exists(path) else {}
     for case, (cfg_path, train_file, test_file, _) in CASES.items():
-        if case == "oscillator":
+        if case == "oscillator" or (cases and case not in cases):
             continue  # a harmonic: any two series of it agree up to their phase
         import yaml
 
@@ -190,7 +191,7 @@ def floor(out, seeds=(2, 3, 4, 5)):
                          "D_slow": metrics.slow_scale_distance(test, x, block)})
         res[case] = {"rows": rows, **{k: median_mad([r[k] for r in rows]) for k in ("D_stsp", "D_H", "D_slow")}}
         print(case, {k: res[case][k] for k in ("D_stsp", "D_H", "D_slow")}, flush=True)
-    json.dump(res, open(os.path.join(out, "floor.json"), "w"), indent=1)
+    json.dump(res, open(path, "w"), indent=1)
 
 
 def history_features(x, k, lags=8):
@@ -390,7 +391,7 @@ if __name__ == "__main__":
         pool([(a.out, case, arm, int(s), a.whole_steps, a.variant) for s in a.seeds.split(",")
               for arm in a.arms.split(",") for case in a.case.split(",")], run=run_one)
     elif a.what == "floor":
-        floor(a.out)
+        floor(a.out, cases=a.case.split(",") if a.case else None)
     elif a.what == "decode":
         decode(a.out)
     else:
