@@ -214,12 +214,18 @@ def decode_r2(x, target, k, ridge=1e-3):
     the first 70 %: how much of the slow variable the last k forced observations already tell."""
     f = history_features(x, k)
     f = (f - f.mean(0)) / (f.std(0) + 1e-12)
-    f = np.concatenate([f, np.ones((len(f), 1))], axis=1)
-    y = target[k - 1:]
+    return held_out_r2(np.concatenate([f, np.ones((len(f), 1))], axis=1), target[k - 1:], ridge)
+
+
+def held_out_r2(f, y, ridge=0.0):
+    """R² on the last 30 % of a (ridge-)regression of ``y`` (T,) on the features ``f`` (T, F) fitted on the
+    first 70 %: ``ridge`` × (fitted rows) on the diagonal of the normal equations (least squares at 0)."""
     n = int(0.7 * len(f))
-    w = np.linalg.solve(f[:n].T @ f[:n] + ridge * n * np.eye(f.shape[1]), f[:n].T @ y[:n])
-    resid = y[n:] - f[n:] @ w
-    return float(1.0 - resid.var() / y[n:].var())
+    if ridge:
+        w = np.linalg.solve(f[:n].T @ f[:n] + ridge * n * np.eye(f.shape[1]), f[:n].T @ y[:n])
+    else:
+        w = np.linalg.lstsq(f[:n], y[:n], rcond=None)[0]
+    return float(1.0 - np.var(y[n:] - f[n:] @ w) / np.var(y[n:]))
 
 
 def decode(out, histories=(1, 10, 30, 100, 300, 1000, 3000)):
@@ -277,10 +283,7 @@ def slow_in_state(out, case, run_dir):
     zhat = model.forcing(params, x)
     states = jax.lax.scan(lambda z, h: (step(params["F"], z, h), z), model.initial_state(params, x[0]), zhat)[1]
     h = np.asarray(states[:, N:], np.float64)
-    f = np.concatenate([h, h ** 2, np.ones((len(h), 1))], axis=1)
-    n = int(0.7 * len(f))
-    w = np.linalg.lstsq(f[:n], target[:n], rcond=None)[0]
-    return float(1.0 - np.var(target[n:] - f[n:] @ w) / np.var(target[n:]))
+    return held_out_r2(np.concatenate([h, h ** 2, np.ones((len(h), 1))], axis=1), target)
 
 
 def dominant_period(x, block, channel):
