@@ -133,6 +133,9 @@ class TrainConfig:
     seq_len: int | None = None  # None: the whole series (sharded over "time"); else windows of this length
     batch: int = 16  # windows per step (window mode)
     carry: bool = False  # window mode: streams of consecutive windows, each starting from the last one's end state
+    # random windows: steps run forced, without loss or gradient, before each window; its state at their end
+    # starts the window (instead of the readout's guess from one observation).  0: none
+    burn_in: int = 0
     noise: float = 0.0  # sd of Gaussian noise on the forcing observations (standardised units); targets stay clean
     lr: float = 1e-3  # RAdam learning rate at the start
     lr_end: float = 1e-6  # exponential decay from lr to lr_end over `steps`
@@ -221,7 +224,8 @@ POSITIVE = ("data.steps", "data.dt", "model.latent", "model.hidden", "gtf.every"
             "checkpoint.every", "checkpoint.keep", "train.seq_len", "mesh.devices",
             "mesh.hosts", "mesh.devices_per_host", "ray.watchdog_s", "ray.startup_s", "ray.cpus_per_host",
             "eval.slow_block", "eval.slow_sigma", "eval.test_steps", "model.unforced_timescale")
-NON_NEGATIVE = ("data.noise", "model.nonlinear", "model.unforced_init", "train.clip", "train.lambda_lat", "train.noise", "ray.max_failures")
+NON_NEGATIVE = ("data.noise", "model.nonlinear", "model.unforced_init", "train.clip", "train.lambda_lat", "train.noise", "train.burn_in",
+                "ray.max_failures")
 
 
 def _check_type(key: str, value: Any, tp) -> Any:
@@ -350,6 +354,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.seq_len: must be >= 2 or null (whole series), got {cfg.train.seq_len}")
     if cfg.train.carry and cfg.train.seq_len is None:
         raise ConfigError("train.carry: carried windows need train.seq_len (a window length)")
+    if cfg.train.burn_in and (cfg.train.seq_len is None or cfg.train.carry):
+        raise ConfigError(f"train.burn_in: a burn-in ({cfg.train.burn_in} steps) applies to random windows "
+                          f"(train.seq_len set, train.carry false); the whole series and carried windows already "
+                          f"start from the state the data drove the model to")
     if cfg.data.path is None and cfg.data.dt is None:
         cfg.data.dt = GENERATOR_DT
     return cfg

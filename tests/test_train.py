@@ -185,6 +185,10 @@ def test_sigterm_during_the_final_evaluation_keeps_the_finished_run(tmp_path):
     ("nan", [], "NaN/inf"),
     ("1d", [], "2-D"),
     ("short", ["train.seq_len=500"], "at least 501"),
+    ("short", ["train.seq_len=200", "train.burn_in=150"], "train.burn_in=150 needs a series of at least 351"),
+    (None, ["train.burn_in=-1"], "train.burn_in: must be >= 0"),
+    (None, ["train.burn_in=10"], "train.burn_in: a burn-in (10 steps) applies to random windows"),
+    (None, ["train.burn_in=10", "train.seq_len=50", "train.carry=true"], "train.burn_in: a burn-in"),
     (None, ["train.bogus=1"], "unknown config key train.bogus"),
     (None, ["train.steps=abc"], "train.steps: expected int"),
     (None, ["train.steps=-5"], "train.steps: must be > 0"),
@@ -426,6 +430,57 @@ def test_the_state_fingerprint_covers_carried_states_only_when_they_are_carried(
         assert same is not fingerprinted
 
 
+def test_burn_in_starts_each_window_where_the_data_drove_the_model():
+    """train.burn_in = K: each drawn window starts from the state a plain forced recurrence reaches over the K
+    rows before it (from initial_state at their first row); the loss is the window's alone, and its gradient
+    does not flow into the burn-in — checked against plain Python recurrences and jax.grad of a loop that
+    holds the burn-in's end state constant."""
+    import jax
+    import jax.numpy as jnp
+
+    from distdeer import config as config_mod
+    from distdeer.models import Model
+    from distdeer.train import modes
+
+    S, K, B, alpha = 10, 25, 3, 0.3
+    cfg = config_mod.load(None, ["model.kind=clipped_shplrnn", "model.latent=5", "model.hidden=8", f"train.seq_len={S}",
+                                 f"train.burn_in={K}", f"train.batch={B}", "gtf.mode=constant", f"gtf.alpha={alpha}",
+                                 "solver.kind=sequential"])
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((120, 3)), jnp.float32)
+    model = Model.from_config(cfg.model, 3)
+    params = model.init(jax.random.PRNGKey(2))
+    mode = modes.for_config(cfg, model)
+    step = 7
+    mse, sol, _ = mode.loss(params, alpha, x, modes.NoState(), step)
+    assert bool(jnp.all(sol.converged))
+    # the window starts: the mode's documented draw
+    starts = np.asarray(jax.random.randint(modes.step_key(cfg, step), (B,), 0, len(x) - S - K))
+    p = model.forced_mask()
+
+    def window_loss(prm, z_in):
+        sq = []
+        for s, z in zip(starts, z_in):
+            zhat = model.forcing(prm, x[s + K: s + K + S + 1])
+            for t in range(S):
+                z = model.F(prm["F"], z - alpha * p * (z - zhat[t]))
+                sq.append((model.observe(prm, z) - x[s + K + t + 1]) ** 2)
+        return jnp.mean(jnp.stack(sq))
+
+    z_in = []
+    for s in starts:
+        states = plain_gtf_run(model, params, alpha, model.forcing(params, x[s: s + K + 1])[:-1],
+                               np.asarray(model.initial_state(params, x[s])))
+        z_in.append(jnp.asarray(states[-1]))
+    np.testing.assert_allclose(float(mse), float(window_loss(params, z_in)), rtol=1e-5)
+    grad = jax.grad(lambda prm: mode.loss(prm, alpha, x, modes.NoState(), step)[0])(params)
+    ref = jax.grad(lambda prm: window_loss(prm, z_in))(params)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-6)
+    # what the burn-in changes: from initial_state at the window's own first row the loss differs
+    fresh = [model.initial_state(params, x[s + K]) for s in starts]
+    assert abs(float(window_loss(params, fresh)) - float(mse)) > 1e-3 * float(mse)
+
+
 def test_carried_windows_need_a_window_length(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", write_config(tmp_path, run, train__carry=True)]) == 2
@@ -433,11 +488,13 @@ def test_carried_windows_need_a_window_length(tmp_path, capsys):
     assert "train.carry" in err and err.count("\n") == 1 and not run.exists()
 
 
-def test_carried_windows_on_two_devices_match_one_device(tmp_path):
-    """Carried windows split over a 2-device "data" axis (GTF-DEER batch solve) follow the 1-device run:
-    the streams' end states are carried the same way whichever device solved their windows."""
+@pytest.mark.parametrize("start", [dict(train__carry=True), dict(train__burn_in=60)], ids=["carried", "burn-in"])
+def test_windows_starting_from_a_driven_state_on_two_devices_match_one_device(tmp_path, start):
+    """Carried windows, and drawn windows after a burn-in, split over a 2-device "data" axis (GTF-DEER
+    batch solve) follow the 1-device run: the state each window starts from is the same whichever device
+    solved it."""
     one, two = tmp_path / "one", tmp_path / "two"
-    changes = dict(train__seq_len=40, train__batch=4, train__carry=True, train__steps=15, data__steps=401)
+    changes = dict(train__seq_len=40, train__batch=4, train__steps=15, data__steps=401, **start)
     assert cli("train", write_config(tmp_path, one, **changes, mesh__devices=1)).returncode == 0
     proc = cli_on_devices(2, "train", write_config(tmp_path, two, **changes, mesh__devices=2))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -721,6 +778,34 @@ def test_a_failed_solve_skips_the_update_and_never_seeds_a_carried_window():
         assert (float(new.alpha) == float(state.alpha)) is fails
         assert bool(np.all(np.isnan(np.asarray(new.mode_state.states)))) == fails
         assert bool(np.all(np.isfinite(np.asarray(new.mode_state.states)))) == (not fails)
+
+
+def test_a_burn_in_that_overflows_skips_the_update():
+    """Expansive unforced units (ALRNN without ReLU units, weights × 50) leave float range over a 300-step
+    burn-in but not over a 10-step window: the update is skipped and counted, not trained on windows that
+    quietly start from initial_state instead; without the burn-in the same step updates."""
+    import jax
+    import jax.numpy as jnp
+
+    from distdeer import config as config_mod
+    from distdeer.models import Model
+    from distdeer.solver import Result
+    from distdeer.train import modes
+    from distdeer.train.checkpoint import params_sha256
+    from distdeer.train.step import init_state, make_train_step
+
+    opts = ["model.kind=alrnn", "model.nonlinear=0", "model.latent=6", "model.unforced_init=50.0", "train.seq_len=10",
+            "train.batch=2", "gtf.mode=constant", "gtf.alpha=0.5", "solver.kind=sequential"]
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((400, 3)), jnp.float32)
+    for burn_in, fails in ((300, True), (0, False)):
+        cfg = config_mod.load(None, opts + [f"train.burn_in={burn_in}"])
+        model = Model.from_config(cfg.model, 3)
+        mode = modes.for_config(cfg, model)
+        state = init_state(model, cfg, mode, x)
+        new, m = jax.jit(make_train_step(model, cfg, mode))(state, x)
+        assert bool(m.converged) is not fails and int(new.skipped) == int(fails)
+        assert (params_sha256(new.params) == params_sha256(state.params)) is fails
+        assert (int(m.result) == Result.NONFINITE) is fails
 
 
 def test_too_many_skipped_updates_stop_the_run_with_one_line(tmp_path):

@@ -191,8 +191,9 @@ def prepare(cfg: Config, read: bool = True):
         store.check_series(source.all(), source.info["source"])
     T, N = source.shape
     S = cfg.train.seq_len
-    if S is not None and S + 1 > T:
-        raise ConfigError(f"train.seq_len={S} needs a series of at least {S + 1} steps, got {T}")
+    if S is not None and S + cfg.train.burn_in + 1 > T:
+        need = f"train.seq_len={S}" + (f" after train.burn_in={cfg.train.burn_in}" if cfg.train.burn_in else "")
+        raise ConfigError(f"{need} needs a series of at least {S + cfg.train.burn_in + 1} steps, got {T}")
     if cfg.mesh.hosts != jax.process_count() and read:
         raise ConfigError(f"mesh.hosts={cfg.mesh.hosts} but this is {jax.process_count()} process(es); "
                           "multi-host runs start with launch/train.py --hosts N")
@@ -335,8 +336,9 @@ def run(cfg: Config, control: Control | None = None) -> dict:
                     if Result(last["result"]) == Result.NONFINITE and cfg.solver.fallback:
                         # the fallback evaluated the recurrence step by step and it overflowed as well: the
                         # model's own forced trajectory leaves float range, no solver setting helps
-                        cause = ("the forced trajectory is non-finite: the sequential fallback overflowed too, last "
-                                 "result NONFINITE")
+                        cause = ("the forced trajectory is non-finite: the sequential fallback"
+                                 + (" or a window's burn-in" if cfg.train.burn_in else "")
+                                 + " overflowed too, last result NONFINITE")
                         remedy = ("a smaller train.lr, contractive unforced units at the start (a smaller "
                                   "model.unforced_init), or unforced a held below 1 (model.unforced_decay=exp)")
                     failed = (f"{last['skipped']} of {done} updates skipped ({cause}), more than "

@@ -20,7 +20,9 @@ The three modes and their state:
   solve is the exact time-sharded scan (``whole.teacher_forced``) and the warm start goes unused.
 * ``Windows``: ``train.batch`` windows of ``seq_len`` steps at start indices drawn from ``fold_in(seed,
   step)``, solved as a batch (``deer_batch``; sharded over a ``"data"`` axis), warm-started from the data.
-  State: none.
+  Each window starts from ``model.initial_state(x_s)`` — or, with ``train.burn_in`` = K > 0, from the end
+  of a forced run over the K rows before it (``burn_in``; no gradient): the unforced units then start
+  where the data drove them, not at the readout's guess from one observation.  State: none.
 * ``CarriedWindows`` (``train.carry``, truncated BPTT): ``train.batch`` streams walk through the series
   one window of S = ``seq_len`` steps per update — stream b's window at step k starts at row
   ``S · ((k + ⌊b·n/B⌋) mod n)``, n = ⌊(T − 1)/S⌋ — and each window starts from the state its stream's
@@ -50,7 +52,7 @@ from distdeer.config import Config
 from distdeer.gtf import AlphaInParams, ForcedStep, reduce_norms, spectral_norms
 from distdeer.mesh import WholeSeries
 from distdeer.models import Model
-from distdeer.solver import Solution, deer_batch, sequential
+from distdeer.solver import Result, Solution, deer_batch, sequential
 from distdeer.train import whole
 
 
@@ -136,15 +138,29 @@ class WindowsMode(_Base):
     def initial(self, params, data) -> NoState:
         return NoState()
 
-    def _noisy(self, x, step):
+    def _noisy(self, x, step, salt=1):
         if self.cfg.train.noise == 0:
             return x
-        key = jax.random.fold_in(step_key(self.cfg, step), 1)
+        key = jax.random.fold_in(step_key(self.cfg, step), salt)
         return x + self.cfg.train.noise * jax.random.normal(key, x.shape, x.dtype)
 
-    def _windows(self, data, starts):
-        S = self.cfg.train.seq_len
-        return jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(data, s, S + 1))(starts)
+    def _windows(self, data, starts, steps=None):
+        """(B, steps+1, N) rows from each start; ``steps`` defaults to ``train.seq_len``."""
+        n = (steps or self.cfg.train.seq_len) + 1
+        return jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(data, s, n))(starts)
+
+    def burn_in(self, params, alpha, xb, step) -> jax.Array:
+        """(B, M): the state each window starts from after its burn-in rows ``xb`` (B, K+1, N) — the
+        forced recurrence z_k = F(z̃_{k−1}) for k = 1..K from z_0 = initial_state(x_0), at the update's α,
+        with the parameters held constant (no gradient flows through it: the window's loss is truncated
+        BPTT from a state the data drove the model to, as carried windows have).  The forcing
+        observations carry the training noise (its own draw)."""
+        model, fixed, forced = self.model, jax.lax.stop_gradient(params), self.forced(alpha)
+        xf = self._noisy(xb, step, salt=2)
+
+        def one(x):
+            return sequential(forced, fixed["F"], model.initial_state(fixed, x[0]), model.forcing(fixed, x)[:-1])[-1]
+        return jax.vmap(one)(xf)
 
     def windows_loss(self, params, alpha, xw, step, carried=None):
         """xw: (B, S+1, N) windows; ``carried``: None, or (B, M) states to start from where finite.
@@ -174,9 +190,18 @@ class WindowsMode(_Base):
         return mse, sol, norm
 
     def loss(self, params, alpha, data, mode_state, step):
-        starts = jax.random.randint(step_key(self.cfg, step), (self.cfg.train.batch,), 0,
-                                    data.shape[0] - self.cfg.train.seq_len)
-        return self.windows_loss(params, alpha, self._windows(data, starts), step)
+        S, K = self.cfg.train.seq_len, self.cfg.train.burn_in
+        starts = jax.random.randint(step_key(self.cfg, step), (self.cfg.train.batch,), 0, data.shape[0] - S - K)
+        if K == 0:
+            return self.windows_loss(params, alpha, self._windows(data, starts), step)
+        xw = self._windows(data, starts, K + S)
+        z_in = self.burn_in(params, alpha, xw[:, :K + 1], step)
+        mse, sol, norm = self.windows_loss(params, alpha, xw[:, K:], step, z_in)
+        # a burn-in that left float range fails its window's solve (the update is skipped and counted, the result
+        # NONFINITE), rather than the window silently starting from initial_state
+        finite = jnp.all(jnp.isfinite(z_in), axis=-1)
+        return mse, sol._replace(converged=sol.converged & finite,
+                                 result=jnp.where(finite, sol.result, jnp.int32(Result.NONFINITE))), norm
 
     def advance(self, mode_state, sol, ok):
         return mode_state
