@@ -8,6 +8,7 @@
     python launch/analysis/timescales.py floor OUT [CASE,…]                 # true series against the test series
     python launch/analysis/timescales.py table OUT [CASE,…]                 # OUT/summary.json and the rows
     python launch/analysis/timescales.py decode OUT                         # the slow variable in the forced rows
+    python launch/analysis/timescales.py push OUT CASE SEEDS                # each loss's gradient on the memories
 
 Cases: ``bursting`` (Hindmarsh–Rose, the membrane potential alone, delay-embedded), ``membrane`` (the same
 potential not embedded: the adaptation z left to unforced units), ``drive`` (slow–fast,
@@ -17,8 +18,9 @@ the diagnosis ``oscillator`` (the drive u alone).  ``--variant`` adds the same o
 ``-a1e-3``, ``-a1e-2``: weak constant forcing; ``-lin-…``: the same with a linear ALRNN).  Each
 case trains on one noisy series (seed 0) and is tested on one clean series (seed 1, ≥ 10 slow periods), the
 same files for every arm and seed.  Arms: the case's config as it stands (whole series, GTF-DEER) and
-windows of 200, windows of 1000, carried windows of 200 (GTF-BPTT through lax.scan, 16 per update); no arm is
-tuned.  Equal wall time: the whole series runs ``--whole-steps`` updates first (its seconds per update vary
+windows of 200, windows of 1000, carried windows of 200 (GTF-BPTT through lax.scan, 16 per update), and
+(since 2026-12-06, after ``push`` measured why windows lose the slow units) windows of 200 after a 1000-step
+burn-in (``train.burn_in``); no arm is tuned.  Equal wall time: the whole series runs ``--whole-steps`` updates first (its seconds per update vary
 with the Newton iterations); each window arm then gets ``train.steps`` = the whole series' measured training
 time ÷ the arm's probed seconds per update (steady: no Newton solve), so that the learning-rate and α
 schedules span its run, as for any run of that length.  ``win200-equal`` gives windows of 200 the whole
@@ -40,7 +42,9 @@ from lru_compare import fixed_point, median_mad, pool  # noqa: E402
 
 WINDOWS = ["train.batch=16", "solver.kind=sequential"]
 ARMS = {"whole": [], "win200": ["train.seq_len=200", *WINDOWS], "win1000": ["train.seq_len=1000", *WINDOWS],
-        "carried": ["train.seq_len=200", "train.carry=true", *WINDOWS]}
+        "carried": ["train.seq_len=200", "train.carry=true", *WINDOWS],
+        # windows of 200 that start from the end of a 1000-step forced run (no gradient) before them
+        "burn": ["train.seq_len=200", "train.burn_in=1000", *WINDOWS]}
 # case: (config, train file, test file, overrides)
 CASES = {"bursting": ("configs/bursting-membrane.yaml", "hr/train.zarr", "hr/test.zarr", []),
          "drive": ("configs/slowfast-drive.yaml", "sfd/train.zarr", "sfd/test.zarr", []),
@@ -64,7 +68,7 @@ VARIANTS = {"": [], "-slow": ["model.unforced_timescale=100000"],
             # a linear model (ALRNN without ReLU units): it holds a rotation exactly
             "-lin-a1e-3": ["gtf.mode=constant", "gtf.alpha=0.001", "model.kind=alrnn", "model.nonlinear=0"],
             "-lin-a1e-2": ["gtf.mode=constant", "gtf.alpha=0.01", "model.kind=alrnn", "model.nonlinear=0"]}
-PROBE_STEPS = {"whole": 40, "win200": 1500, "win1000": 400, "carried": 1500}
+PROBE_STEPS = {"whole": 40, "win200": 1500, "win1000": 400, "carried": 1500, "burn": 600}
 
 
 def sh(*cmd):
@@ -286,6 +290,118 @@ def slow_in_state(out, case, run_dir):
     return held_out_r2(np.concatenate([h, h ** 2, np.ones((len(h), 1))], axis=1), target)
 
 
+def push(out, case, seeds, batches=100):
+    """The gradient each arm's loss puts on the unforced units' memories, at the same parameters.
+
+    Under ``unforced_decay: exp`` unit j's memory is τ_j = −1/log a_j = exp(−ν_j) steps, so
+    p_j = ∂L/∂ν_j = −∂L/∂log τ_j: a descent step lengthens the memory where p_j > 0.  Per seed, at the
+    initialisation (α = 1), the whole series' retained checkpoints and the last checkpoint of windows of 200
+    (each at its logged α), p is taken under the whole series' loss (one solve, float32, converged) and as
+    the mean ± standard error over ``batches`` batches of 16 random windows of 200 and of 1000 and of
+    "carried" windows of 200 — windows on the grid of 200 that start from the whole series' forced state at
+    their first row, with no gradient through it (truncated BPTT with the streams' states at these
+    parameters), and "burn1000": windows of 200 after a 1000-step forced run without gradient
+    (``train.burn_in``).  Same data (the training series), same loss (the forced MSE); the regulariser, common
+    to every arm, is left out.  Besides p, each arm's mean gradient over all parameters: its norm and its
+    cosine with the whole series' gradient.  Writes OUT/push-CASE.json (rows of other seeds kept)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from distdeer import config as config_mod
+    from distdeer import eval as ev
+    from distdeer import mesh as mesh_mod
+    from distdeer.data import store
+    from distdeer.train import modes
+
+    rows = []
+    for seed in seeds:
+        whole_dir = os.path.join(out, case, f"whole-seed{seed}")
+        win_dir = os.path.join(out, case, f"win200-seed{seed}")
+        cfg, model, _, norm, _ = ev.load_run(whole_dir)
+        x = (store.read_data_units(cfg.data.path) - np.asarray(norm["mean"])) / np.asarray(norm["std"])
+        x = jnp.asarray(x, jnp.float32)
+        T = len(x) - 1
+        cfg_path = os.path.join(whole_dir, "config.yaml")
+        whole_mode = modes.for_config(cfg, model, None, T)
+        series = mesh_mod.whole_series_of(x)
+        win = {S: modes.for_config(config_mod.load(cfg_path, [f"train.seq_len={S}", *WINDOWS]), model, None, T)
+               for S in (200, 1000)}
+        win["burn"] = modes.for_config(config_mod.load(cfg_path, ARMS["burn"]), model, None, T)
+        nu = lambda g: g["F"]["nu"]  # noqa: E731
+        flat = lambda g: ravel_pytree(g)[0]  # noqa: E731
+
+        @jax.jit
+        def whole_grad(params, alpha):
+            def f(p):
+                mse, sol, _ = whole_mode.loss(p, alpha, series, whole_mode.initial(p, series), 0)
+                return mse, sol
+            (mse, sol), g = jax.value_and_grad(f, has_aux=True)(params)
+            return mse, flat(g), nu(g), jnp.all(sol.converged), sol.states
+
+        def window_grad(S):
+            mode = win[S]  # random windows of S steps (or of 200 after a burn-in: "burn")
+
+            @jax.jit
+            def fn(params, alpha, step):
+                g = jax.grad(lambda p: mode.loss(p, alpha, x, modes.NoState(), step)[0])(params)
+                return flat(g), nu(g)
+            return fn
+
+        @jax.jit
+        def carried_grad(params, alpha, states, step):
+            mode = win[200]
+            n = T // 200
+            j = jax.random.randint(modes.step_key(mode.cfg, step), (16,), 0, n)
+            carried = jnp.where((j == 0)[:, None], jnp.nan, states[jnp.maximum(j * 200 - 1, 0)])
+            g = jax.grad(lambda p: mode.windows_loss(p, alpha, mode._windows(x, j * 200), step, carried)[0])(params)
+            return flat(g), nu(g)
+
+        grads = {S: window_grad(S) for S in (200, 1000, "burn")}
+
+        def alpha_at(run_dir, step):
+            logged = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+            return min(logged, key=lambda r: abs(r["step"] - step))["alpha"]
+
+        points = [("init", model.init(jax.random.PRNGKey(seed)), cfg.gtf.alpha)]
+        points += [(f"whole@{s}", ev.load_run(whole_dir, s)[2], alpha_at(whole_dir, s)) for s in ev.retained_steps(whole_dir)]
+        last = ev.retained_steps(win_dir)[-1]
+        points.append((f"win200@{last}", ev.load_run(win_dir, last)[2], alpha_at(win_dir, last)))
+        for name, params, alpha in points:
+            alpha = jnp.float32(alpha)
+            mse, g_whole, p_whole, converged, states = whole_grad(params, alpha)
+            g_whole = np.asarray(g_whole)
+            row = {"seed": seed, "params": name, "alpha": float(alpha), "whole_mse": float(mse),
+                   "whole_converged": bool(converged),
+                   "memory_steps": [float(v) for v in np.exp(-np.asarray(params["F"]["nu"]))],
+                   "whole": [float(v) for v in np.asarray(p_whole)], "whole_grad_norm": float(np.linalg.norm(g_whole))}
+            arms = {"win200": lambda k: grads[200](params, alpha, k), "win1000": lambda k: grads[1000](params, alpha, k),
+                    "carried": lambda k: carried_grad(params, alpha, states, k),
+                    "burn1000": lambda k: grads["burn"](params, alpha, k)}
+            for arm, fn in arms.items():
+                out_k = [fn(k) for k in range(batches)]
+                full = np.stack([np.asarray(o[0]) for o in out_k]).mean(0)
+                g = np.stack([np.asarray(o[1]) for o in out_k])
+                row[arm] = [float(v) for v in g.mean(0)]
+                row[arm + "_se"] = [float(v) for v in g.std(0, ddof=1) / np.sqrt(batches)]
+                # the mean gradient over all parameters: its size and its direction against the whole series'
+                row[arm + "_grad_norm"] = float(np.linalg.norm(full))
+                row[arm + "_cos_whole"] = float(full @ g_whole / (np.linalg.norm(full) * np.linalg.norm(g_whole)))
+            rows.append(row)
+            fmt = lambda v: " ".join(f"{e:+.1e}" for e in v)  # noqa: E731
+            print(f"seed {seed} {name} α {float(alpha):.3f} τ " + " ".join(f"{t:.0f}" for t in row["memory_steps"]),
+                  flush=True)
+            for arm in ("whole", "win200", "win1000", "carried", "burn1000"):
+                extra = f"  ± {fmt(row[arm + '_se'])}  |g| {row[arm + '_grad_norm']:.1e} cos {row[arm + '_cos_whole']:+.2f}" \
+                    if arm != "whole" else f"  |g| {row['whole_grad_norm']:.1e}"
+                print(f"   {arm:8s} {fmt(row[arm])}{extra}", flush=True)
+    path = os.path.join(out, f"push-{case}.json")  # merged with the rows of other seeds already there
+    old = [r for r in json.load(open(path)) if r["seed"] not in seeds] if os.path.exists(path) else []
+    with open(path, "w") as f:
+        json.dump(old + rows, f, indent=1)
+    return rows
+
+
 def dominant_period(x, block, channel):
     """Steps per cycle of the strongest non-zero frequency of ``x[:, channel]``'s block means (None if flat)."""
     from distdeer.metrics import block_features
@@ -375,7 +491,7 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["data", "probe", "run", "floor", "table", "decode"])
+    ap.add_argument("what", choices=["data", "probe", "run", "floor", "table", "decode", "push"])
     ap.add_argument("out")
     ap.add_argument("case", nargs="?", help=f"one of {', '.join(CASES)}; run: a comma-separated list")
     ap.add_argument("seeds", nargs="?", default="0")
@@ -397,5 +513,7 @@ if __name__ == "__main__":
         floor(a.out, cases=a.case.split(",") if a.case else None)
     elif a.what == "decode":
         decode(a.out)
+    elif a.what == "push":
+        push(a.out, a.case, [int(s) for s in a.seeds.split(",")])
     else:
         table(a.out, a.case.split(",") if a.case else None)
