@@ -325,9 +325,8 @@ def push(out, case, seeds, batches=100):
         cfg_path = os.path.join(whole_dir, "config.yaml")
         whole_mode = modes.for_config(cfg, model, None, T)
         series = mesh_mod.whole_series_of(x)
-        win = {S: modes.for_config(config_mod.load(cfg_path, [f"train.seq_len={S}", *WINDOWS]), model, None, T)
-               for S in (200, 1000)}
-        win["burn"] = modes.for_config(config_mod.load(cfg_path, ARMS["burn"]), model, None, T)
+        win = {arm: modes.for_config(config_mod.load(cfg_path, ARMS[arm]), model, None, T)
+               for arm in ("win200", "win1000", "burn")}
         nu = lambda g: g["F"]["nu"]  # noqa: E731
         flat = lambda g: ravel_pytree(g)[0]  # noqa: E731
 
@@ -339,8 +338,8 @@ def push(out, case, seeds, batches=100):
             (mse, sol), g = jax.value_and_grad(f, has_aux=True)(params)
             return mse, flat(g), nu(g), jnp.all(sol.converged), sol.states
 
-        def window_grad(S):
-            mode = win[S]  # random windows of S steps (or of 200 after a burn-in: "burn")
+        def window_grad(arm):
+            mode = win[arm]
 
             @jax.jit
             def fn(params, alpha, step):
@@ -350,14 +349,14 @@ def push(out, case, seeds, batches=100):
 
         @jax.jit
         def carried_grad(params, alpha, states, step):
-            mode = win[200]
+            mode = win["win200"]
             n = T // 200
             j = jax.random.randint(modes.step_key(mode.cfg, step), (16,), 0, n)
             carried = jnp.where((j == 0)[:, None], jnp.nan, states[jnp.maximum(j * 200 - 1, 0)])
             g = jax.grad(lambda p: mode.windows_loss(p, alpha, mode._windows(x, j * 200), step, carried)[0])(params)
             return flat(g), nu(g)
 
-        grads = {S: window_grad(S) for S in (200, 1000, "burn")}
+        grads = {arm: window_grad(arm) for arm in win}
 
         def alpha_at(run_dir, step):
             logged = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -375,7 +374,8 @@ def push(out, case, seeds, batches=100):
                    "whole_converged": bool(converged),
                    "memory_steps": [float(v) for v in np.exp(-np.asarray(params["F"]["nu"]))],
                    "whole": [float(v) for v in np.asarray(p_whole)], "whole_grad_norm": float(np.linalg.norm(g_whole))}
-            arms = {"win200": lambda k: grads[200](params, alpha, k), "win1000": lambda k: grads[1000](params, alpha, k),
+            arms = {"win200": lambda k: grads["win200"](params, alpha, k),
+                    "win1000": lambda k: grads["win1000"](params, alpha, k),
                     "carried": lambda k: carried_grad(params, alpha, states, k),
                     "burn1000": lambda k: grads["burn"](params, alpha, k)}
             for arm, fn in arms.items():
