@@ -9,6 +9,7 @@
     python launch/analysis/timescales.py table OUT [CASE,…]                 # OUT/summary.json and the rows
     python launch/analysis/timescales.py decode OUT                         # the slow variable in the forced rows
     python launch/analysis/timescales.py push OUT CASE SEEDS                # each loss's gradient on the memories
+    python launch/analysis/timescales.py ceiling OUT                        # the ratio a perfect model can reach
 
 Cases: ``bursting`` (Hindmarsh–Rose, the membrane potential alone, delay-embedded), ``membrane`` (the same
 potential not embedded: the adaptation z left to unforced units), ``drive`` (slow–fast,
@@ -196,6 +197,36 @@ def floor(out, seeds=(2, 3, 4, 5), cases=None):
         res[case] = {"rows": rows, **{k: median_mad([r[k] for r in rows]) for k in ("D_stsp", "D_H", "D_slow")}}
         print(case, {k: res[case][k] for k in ("D_stsp", "D_H", "D_slow")}, flush=True)
     json.dump(res, open(path, "w"), indent=1)
+
+
+def ceiling(out):
+    """The largest ratio the target can see when a window arm rests on a fixed point: D_slow of a constant
+    free run (at several levels: a fixed point scores the same wherever it lies) against each case's test
+    series, divided by the case's floor (OUT/floor.json: test vs independent true series).  A model as good
+    as the truth scores about the floor, so (fixed point) / floor bounds "whole ÷ best window" from above
+    whenever the best window arm is a fixed point.  Writes OUT/ceiling.json."""
+    import yaml
+
+    from distdeer import metrics
+    from distdeer.data import store
+
+    floors = json.load(open(os.path.join(out, "floor.json")))
+    res = {}
+    for case, (cfg_path, train_file, test_file, _) in CASES.items():
+        if case not in floors:
+            continue
+        block = yaml.safe_load(open(cfg_path))["eval"]["slow_block"]
+        attrs = store.attributes(store.open_series(os.path.join(out, train_file)))
+        mean, std = np.asarray(attrs["mean"]), np.asarray(attrs["std"])
+        test = (store.read_data_units(os.path.join(out, test_file)) - mean) / std
+        fixed = [metrics.slow_scale_distance(test, np.full_like(test, level), block) for level in (-1.0, 0.0, 1.0)]
+        pairs = [r["D_slow"] for r in floors[case]["rows"]]
+        res[case] = {"fixed_point": fixed, "floor_median": floors[case]["D_slow"]["median"],
+                     "floor_pairs": pairs, "ceiling_at_median": fixed[1] / floors[case]["D_slow"]["median"],
+                     "ceiling_range": [fixed[1] / max(pairs), fixed[1] / min(pairs)]}
+        print(case, {k: (np.round(v, 3).tolist() if not isinstance(v, float) else round(v, 3)) for k, v in res[case].items()},
+              flush=True)
+    json.dump(res, open(os.path.join(out, "ceiling.json"), "w"), indent=1)
 
 
 def history_features(x, k, lags=8):
@@ -491,7 +522,7 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["data", "probe", "run", "floor", "table", "decode", "push"])
+    ap.add_argument("what", choices=["data", "probe", "run", "floor", "table", "decode", "push", "ceiling"])
     ap.add_argument("out")
     ap.add_argument("case", nargs="?", help=f"one of {', '.join(CASES)}; run: a comma-separated list")
     ap.add_argument("seeds", nargs="?", default="0")
@@ -513,6 +544,8 @@ if __name__ == "__main__":
         floor(a.out, cases=a.case.split(",") if a.case else None)
     elif a.what == "decode":
         decode(a.out)
+    elif a.what == "ceiling":
+        ceiling(a.out)
     elif a.what == "push":
         push(a.out, a.case, [int(s) for s in a.seeds.split(",")])
     else:
