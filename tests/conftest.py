@@ -9,10 +9,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 # The suite runs as `pytest -n 2` (README) with pyproject's `--dist loadfile --no-loadscope-reorder`: each
 # file goes whole to one worker, in collection order.  Starting the longest files first keeps both workers
-# busy to the end (longest-first scheduling).  Each file's seconds under `-n 2` on a 2-core VM (2026-12-01,
-# the 60 slowest tests counted); only their order matters.
-SECONDS = {"test_ray.py": 567, "test_train.py": 262, "test_local_launch.py": 130, "test_multidevice.py": 170, "test_scaling.py": 95,
-           "test_deer.py": 53, "test_lru.py": 150, "test_cluster_walkthrough.py": 60, "test_custom_model.py": 40, "test_multiprocess.py": 45, "test_scan.py": 28}
+# busy to the end (longest-first scheduling).  Each file's seconds under `-n 2` on a 2-core VM (2026-12-06,
+# from the run's JUnit report); only their order matters.
+SECONDS = {"test_ray.py": 440, "test_train.py": 314, "test_multidevice.py": 199, "test_local_launch.py": 136,
+           "test_scaling.py": 100, "test_deer.py": 98, "test_lru.py": 97, "test_cluster_walkthrough.py": 85,
+           "test_multiprocess.py": 42, "test_scan.py": 43, "test_custom_model.py": 28}
 
 
 def pytest_collection_modifyitems(config, items):

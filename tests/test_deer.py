@@ -219,8 +219,11 @@ def test_success_is_only_reported_when_the_residual_test_passes(wrong_jacobian):
     step = lambda p, z, x: jnp.tanh(p @ z) + x  # noqa: E731
     exact = lambda p, z, x: (1 - jnp.tanh(p @ z) ** 2) * jnp.diagonal(p)  # noqa: E731
     jd = (lambda p, z, x: 0.5 * exact(p, z, x)) if wrong_jacobian else exact  # noqa: E731
-    solve = lambda A, xs: deer(step, A, jnp.zeros(3), xs, jacobian="diagonal", throw=False, jac_diag=jd,  # noqa: E731
-                               max_iter=400, adjoint="diagonal")
+    # jitted once: every trial has the same shapes (a fresh trace per trial would cost most of the test)
+    solve = jax.jit(lambda A, xs: deer(step, A, jnp.zeros(3), xs, jacobian="diagonal", throw=False, jac_diag=jd,
+                                       max_iter=400, adjoint="diagonal"))
+    grad = jax.jit(jax.grad(lambda A, xs: loss_fn(solve(A, xs).states)))
+    grad_ref = jax.jit(jax.grad(lambda A, xs: loss_fn(sequential(step, A, jnp.zeros(3), xs))))
     successes = 0
     for trial in range(12):
         A = rng.standard_normal((3, 3)) * (1, 3, 10)[trial % 3]
@@ -236,8 +239,7 @@ def test_success_is_only_reported_when_the_residual_test_passes(wrong_jacobian):
             continue
         successes += 1
         assert excess.max() <= 1e-6, (trial, excess.max())  # float32 evaluation of f vs float64 here
-        g = jax.grad(lambda A: loss_fn(solve(A, xs).states))(A)
-        g_ref = jax.grad(lambda A: loss_fn(sequential(step, A, jnp.zeros(3), xs)))(A)
+        g, g_ref = grad(A, xs), grad_ref(A, xs)
         if np.all(np.isfinite(np.asarray(g))):  # a NaN gradient is the adjoint's reported failure
             assert rel_err(g, g_ref) < 1e-3, trial
     assert successes >= 6

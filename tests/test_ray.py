@@ -23,6 +23,7 @@ from test_multiprocess import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "train.py")
 STEPS = 60
+WATCHDOG_S = 10  # the hang test's
 CONFIG = f"""
 data: {{steps: 2001, noise: 0.05}}
 model: {{kind: clipped_shplrnn, latent: 3, hidden: 8}}
@@ -128,7 +129,9 @@ def baseline(cluster, config_file, tmp_path_factory):
     return run_dir
 
 
-def test_two_hosts_deterministic_and_match_one_process(cluster, config_file, baseline, tmp_path):
+def test_two_hosts_match_one_process(cluster, config_file, baseline, tmp_path):
+    """The 2-host run agrees with one process of 4 devices.  (That a 2-host run is deterministic, bit for
+    bit, is what every fault test below asserts: each interrupted run ends on the baseline's parameters.)"""
     info = hosts(baseline)
     assert [h["rank"] for h in info["hosts"]] == [0, 1]
     assert len({h["node_id"] for h in info["hosts"]}) == 2  # STRICT_SPREAD: one process per node
@@ -136,11 +139,6 @@ def test_two_hosts_deterministic_and_match_one_process(cluster, config_file, bas
     m = metrics(baseline)
     assert sorted(m) == list(range(1, STEPS + 1))
     assert np.isfinite([r["loss"] for r in m.values()]).all()
-
-    again = str(tmp_path / "again")
-    code, out = launch(cluster, config_file, again)
-    assert code == 0, out[-4000:]
-    assert final_sha(again) == final_sha(baseline)  # bit for bit
 
     one = str(tmp_path / "one")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -175,7 +173,8 @@ def test_hang_is_caught_by_the_watchdog(cluster, config_file, baseline, tmp_path
     """A stopped (SIGSTOP) rank leaves the other stuck in a collective: the watchdog turns it into a
     failure within ray.watchdog_s and the group restarts."""
     run_dir = str(tmp_path / "hung")
-    proc = launch(cluster, config_file, run_dir, wait=False)
+    # a shorter watchdog than the config's 20 s, so that the wait is short (tiny steps take milliseconds)
+    proc = launch(cluster, config_file, run_dir, f"ray.watchdog_s={WATCHDOG_S}", wait=False)
     wait_for_step(run_dir, 17, proc)
     victim = hosts(run_dir)["hosts"][0]["pid"]
     os.kill(victim, signal.SIGSTOP)
@@ -194,7 +193,7 @@ def test_hang_is_caught_by_the_watchdog(cluster, config_file, baseline, tmp_path
     assert proc.returncode == 0, out[-4000:]
     cause = [e for e in events(run_dir) if e["event"] == "failure"][0]["cause"]
     assert "watchdog" in cause, cause
-    assert detected < 20 + 10
+    assert detected < WATCHDOG_S + 10
     assert final_sha(run_dir) == final_sha(baseline)
 
 
