@@ -7,7 +7,8 @@ exponent (its own free run from the first test point: the dropped 0.25·T_test s
 20 000 steps — the stretch the other measures compare, not a chaotic transient before it).  Writes
 into the run directory ``eval.json``, ``generated.npy`` (in the test data's units), ``attractor.png``,
 ``spectrum.png`` and ``timeseries.png``.  Several run directories (seeds) evaluated alike are summarised
-by median ± MAD per measure, NaN values and diverged runs (non-finite free run) counted.
+by median ± MAD per measure, NaN values, diverged runs (non-finite free run) and runs at rest on a fixed
+point (:func:`at_rest`) counted.
 
 Which checkpoint: the latest (default), or with ``eval.select=train`` / ``--select train`` the retained
 checkpoint whose free runs from three training points come closest (worst-case D_stsp) to the *training*
@@ -193,7 +194,8 @@ def headline(res: dict) -> str:
             + f"PE({res['PE']['n']}) {res['PE']['value']:.4f}  λ_max "
             + (f"{lyap['per_step']:.4f} per step (set data.dt for per time unit)" if lyap["per_time_unit"] is None
                else f"{lyap['per_time_unit']:.3f} per time unit")
-            + (f" (data system {ref:.3f})" if ref is not None else ""))
+            + (f" (data system {ref:.3f})" if ref is not None else "")
+            + ("  — the free run rests on a fixed point" if res.get("fixed_point", {}).get("value") else ""))
 
 
 def dropped_steps(T: int) -> int:
@@ -206,6 +208,20 @@ def protocol_run(model: Model, params, x0, T: int) -> np.ndarray:
     observation ``x0`` with the first 0.25·T dropped (D_stsp depends on sample size: lengths stay equal)."""
     drop = dropped_steps(T)
     return free_run(model, params, x0, T + drop)[drop:]
+
+
+REST_TOL = 1e-3  # standardised units: far below any attractor's spread, above float32 jitter at rest
+
+
+def at_rest(gen: np.ndarray, tol: float = REST_TOL) -> dict:
+    """Whether the free run ``gen`` (T, N, standardised) rests on a fixed point: the largest standard
+    deviation over its last quarter of any channel, ``spread``, is below ``tol``.  The measures score a
+    fixed point as a finite failure (a flat spectrum), often better than a live model with the wrong rhythm,
+    so a summary must be able to say how many of its runs stopped moving.  A diverged run is not at rest."""
+    tail = np.asarray(gen[-max(1, len(gen) // 4):], np.float64)
+    finite = bool(np.all(np.isfinite(tail)))
+    spread = float(np.max(np.std(tail, axis=0))) if finite else float("nan")
+    return {"value": finite and spread < tol, "spread": spread, "tol": tol, "over": "last quarter"}
 
 
 def divergences(x_ref: np.ndarray, gen: np.ndarray) -> dict:
@@ -304,7 +320,7 @@ def evaluate(run_dir: str, data: str | None = None, figures: bool = True, select
            "test_data": source, "test_data_sha256": digest,
            "T_test": T,
            "protocol": {"free_run_steps": T + drop, "dropped": drop, "start": "first test point"},
-           "diverged": not bool(np.all(np.isfinite(gen)))}
+           "diverged": not bool(np.all(np.isfinite(gen))), "fixed_point": at_rest(gen)}
     res.update(divergences(x_test, gen))
     res.update(slow_scale(cfg, x_test, gen))
     res["PE"] = {"value": metrics.prediction_error(lambda xs, n: n_step_predictions(model, params, xs, n),
@@ -381,6 +397,8 @@ def summarise(results: list[dict]) -> dict:
     out = {"runs": [r["run_dir"] for r in results],
            "protocol": {"test_data": real(results[0]["test_data"]), **first},
            "diverged_runs": sum(bool(r.get("diverged", False)) for r in results)}
+    if all("fixed_point" in r for r in results):  # eval.json files written before the flag lack it
+        out["fixed_point_runs"] = sum(bool(r["fixed_point"]["value"]) for r in results)
     values = {key: [r[key]["value"] for r in results] for key in ("D_stsp", "D_H", "D_slow", "PE")
               if key in results[0]}  # D_slow: in every run or none (their protocols are equal)
     values["lyapunov_max_per_step"] = [r["lyapunov_max"]["per_step"] for r in results]

@@ -1,4 +1,4 @@
-"""The summary over runs (seeds): median ± MAD, NaN and diverged runs counted, mixed protocols refused."""
+"""The summary over runs (seeds): median ± MAD, NaN, diverged and resting runs counted, mixed protocols refused."""
 
 import os
 
@@ -113,3 +113,34 @@ def test_largest_lyapunov_of_a_linear_map_is_the_log_spectral_radius(a, expected
         lyap = eval_mod.largest_lyapunov(model, params, np.asarray([0.3, 0.4], np.float32), transient=transient,
                                          steps=2000)
         assert lyap == pytest.approx(expected, abs=2e-3)
+
+
+def test_a_free_run_at_rest_on_a_fixed_point_is_flagged_and_counted():
+    """``at_rest``: the last quarter's largest per-channel standard deviation against 10^-3 (standardised),
+    on analytic series, on a contractive model's protocol run, and in the summary and the headline."""
+    t = np.arange(4000)
+    cycle = np.stack([np.sin(0.05 * t), np.cos(0.05 * t)], 1)
+    assert not eval_mod.at_rest(cycle)["value"]
+    settled = np.stack([np.exp(-t / 50.0), np.full(len(t), 2.0)], 1)  # at rest long before the last quarter
+    rest = eval_mod.at_rest(settled)
+    assert rest["value"] and rest["spread"] < 1e-9
+    # the tolerance, from both sides: a cycle of amplitude A has standard deviation A / √2
+    assert not eval_mod.at_rest(2e-3 * cycle)["value"] and eval_mod.at_rest(1e-3 * cycle)["value"]
+    diverged = np.where(t[:, None] > 3500, np.inf, cycle)
+    assert not eval_mod.at_rest(diverged)["value"] and np.isnan(eval_mod.at_rest(diverged)["spread"])
+    # a PLRNN with W = 0 and |a| < 1 runs to its fixed point h / (1 − a)
+    model = Model("plrnn", latent=2, observed=2)
+    params = model.init(jax.random.PRNGKey(0))
+    params["F"] = {"a": jnp.asarray((0.5, 0.8), jnp.float32), "W": jnp.zeros((2, 2), jnp.float32),
+                   "h": jnp.asarray([0.1, -0.2], jnp.float32)}
+    gen = eval_mod.protocol_run(model, params, np.asarray([0.3, 0.4], np.float32), 2000)
+    np.testing.assert_allclose(gen[-1], [0.2, -1.0], rtol=1e-5)
+    assert eval_mod.at_rest(gen)["value"]
+    runs = [result("/r/a-seed0", 0.1), result("/r/a-seed1", 0.2), result("/r/a-seed2", 0.3)]
+    for r, rests in zip(runs, (True, False, True)):
+        r["fixed_point"] = {"value": rests}
+    assert eval_mod.summarise(runs)["fixed_point_runs"] == 2
+    assert "fixed_point_runs" not in eval_mod.summarise([result("/r/b-seed0", 0.1)])  # written before the flag
+    line = lambda r: eval_mod.headline({**r, "lyapunov_max": {"per_step": 0.0, "per_time_unit": None,  # noqa: E731
+                                                              "system_reference_per_time_unit": None}})
+    assert line(runs[0]).endswith("rests on a fixed point") and "fixed point" not in line(runs[1])

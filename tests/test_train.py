@@ -532,6 +532,11 @@ def test_evaluation_at_the_end_and_summary_over_runs(straight, tmp_path):
         assert os.path.getsize(run / name) > 10_000
     gen = np.load(run / "generated.npy")
     assert gen.shape == (1500, 3)
+    # the fixed-point flag, recomputed from the saved free run (test-data units → standardised)
+    norm = json.loads((run / "normalisation.json").read_text())
+    tail = ((gen - np.asarray(norm["mean"])) / np.asarray(norm["std"]))[-375:]
+    assert ev["fixed_point"]["spread"] == pytest.approx(float(np.max(np.std(tail, axis=0))), rel=1e-3)
+    assert ev["fixed_point"]["value"] == (ev["fixed_point"]["spread"] < 1e-3)
     summary = tmp_path / "summary.json"
     proc = cli("eval", str(run), str(run), "--summary", str(summary))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -539,6 +544,7 @@ def test_evaluation_at_the_end_and_summary_over_runs(straight, tmp_path):
     s = json.loads(summary.read_text())
     for key in ("D_stsp", "D_H", "PE"):
         assert s[key]["n"] == 2 and s[key]["mad"] == 0.0 or s[key]["nan_runs"] == 2
+    assert s["fixed_point_runs"] == 2 * ev["fixed_point"]["value"]
     bad = cli("eval", str(tmp_path / "missing"))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 
