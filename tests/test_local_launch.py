@@ -51,8 +51,8 @@ def listening(port: int) -> list[str]:
 
 
 def refusal(address: str, env: dict) -> tuple[bool, str]:
-    """Start a Ray client with a wrong token against ``address``; (whether its stderr says
-    "InvalidAuthToken" within 10 s, everything it printed).  The client is killed either way: refused, it
+    """Start a Ray client with a wrong token against ``address``; (whether it printed "InvalidAuthToken"
+    within 10 s, everything it printed on stdout and stderr).  The client is killed either way: refused, it
     would retry until its own, much longer, timeout."""
     client = subprocess.Popen(
         [sys.executable, "-c", f"import ray; ray.init(address={address!r}); print('CONNECTED')"],
