@@ -153,6 +153,19 @@ def run_one(out, case, arm, seed, whole_steps, variant, core):
     print(f"{case} {arm}{variant} seed {seed}: rc {rc}, {steps} steps, {time.time() - t:.0f} s", flush=True)
 
 
+def case_test(out, case):
+    """(the config's ``eval.slow_block``, the case's test series standardised by its training series' mean and
+    standard deviation (T, N), the training series' attributes)."""
+    import yaml
+
+    from distdeer.data import store
+
+    cfg_path, train_file, test_file, _ = CASES[case]
+    attrs = store.attributes(store.open_series(os.path.join(out, train_file)))
+    test = (store.read_data_units(os.path.join(out, test_file)) - np.asarray(attrs["mean"])) / np.asarray(attrs["std"])
+    return yaml.safe_load(open(cfg_path))["eval"]["slow_block"], test, attrs
+
+
 def floor(out, seeds=(2, 3, 4, 5), cases=None):
     """Each case's measures between its test series and independent clean series of the same length (other
     seeds; a slow–fast drive started at a random phase, as a model's free run has one): the floor and spread
@@ -161,21 +174,17 @@ def floor(out, seeds=(2, 3, 4, 5), cases=None):
     import jax.numpy as jnp
 
     from distdeer import metrics
-    from distdeer.data import embed, store, systems
+    from distdeer.data import embed, systems
     from distdeer.eval import divergences
 
     rng = np.random.default_rng(0)
     path = os.path.join(out, "floor.json")
     res = json.load(open(path)) if cases and os.path.exists(path) else {}
-    for case, (cfg_path, train_file, test_file, _) in CASES.items():
+    for case in CASES:
         if case == "oscillator" or (cases and case not in cases):
             continue  # a harmonic: any two series of it agree up to their phase
-        import yaml
-
-        block = yaml.safe_load(open(cfg_path))["eval"]["slow_block"]
-        attrs = store.attributes(store.open_series(os.path.join(out, train_file)))
+        block, test, attrs = case_test(out, case)
         mean, std = np.asarray(attrs["mean"]), np.asarray(attrs["std"])
-        test = (store.read_data_units(os.path.join(out, test_file)) - mean) / std
         rows = []
         for seed in seeds:
             if case in ("drive", "hidden"):
@@ -205,20 +214,14 @@ def ceiling(out):
     series, divided by the case's floor (OUT/floor.json: test vs independent true series).  A model as good
     as the truth scores about the floor, so (fixed point) / floor bounds "whole ÷ best window" from above
     whenever the best window arm is a fixed point.  Writes OUT/ceiling.json."""
-    import yaml
-
     from distdeer import metrics
-    from distdeer.data import store
 
     floors = json.load(open(os.path.join(out, "floor.json")))
     res = {}
-    for case, (cfg_path, train_file, test_file, _) in CASES.items():
+    for case in CASES:
         if case not in floors:
             continue
-        block = yaml.safe_load(open(cfg_path))["eval"]["slow_block"]
-        attrs = store.attributes(store.open_series(os.path.join(out, train_file)))
-        mean, std = np.asarray(attrs["mean"]), np.asarray(attrs["std"])
-        test = (store.read_data_units(os.path.join(out, test_file)) - mean) / std
+        block, test, _ = case_test(out, case)
         fixed = [metrics.slow_scale_distance(test, np.full_like(test, level), block) for level in (-1.0, 0.0, 1.0)]
         pairs = [r["D_slow"] for r in floors[case]["rows"]]
         res[case] = {"fixed_point": fixed, "floor_median": floors[case]["D_slow"]["median"],
@@ -480,6 +483,7 @@ def table(out, cases=None):
     path = os.path.join(out, "summary.json")
     rows = json.load(open(path)) if cases and os.path.exists(path) else {}
     for case in cases or CASES:
+        data_period = {}  # per block: the test series' slow period, the same for every run of the case
         for arm in [a + v for v in VARIANTS for a in (*ARMS, "win200-equal")]:
             per = []
             for name in sorted(os.listdir(os.path.join(out, case))) if os.path.isdir(os.path.join(out, case)) else []:
@@ -492,9 +496,12 @@ def table(out, cases=None):
                 m = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
                 lyap = e["lyapunov_max"]
                 block, ch = e["D_slow"]["block"], SLOW_CHANNEL[case]
+                if block not in data_period:
+                    data_period[block] = dominant_period(store.read_data_units(os.path.join(out, CASES[case][2])),
+                                                         block, ch)
                 per.append({"slow_period_model": dominant_period(np.load(os.path.join(d, "generated.npy")), block, ch),
-                            "slow_period_data": dominant_period(store.read_data_units(os.path.join(out, CASES[case][2])),
-                                                                block, ch),"seed": int(name.rsplit("seed", 1)[1]), "steps": m[-1]["step"],
+                            "slow_period_data": data_period[block],
+                            "seed": int(name.rsplit("seed", 1)[1]), "steps": m[-1]["step"],
                             "train_s": m[-1]["elapsed_s"], "D_stsp": e["D_stsp"]["value"], "D_H": e["D_H"]["value"],
                             "D_slow": e["D_slow"]["value"], "PE20": e["PE"]["value"],
                             "lyapunov_max": lyap.get("per_time_unit"), "diverged": e["diverged"],
