@@ -12,7 +12,7 @@
     python launch/analysis/timescales.py ceiling OUT                        # the ratio a perfect model can reach
 
 Cases: ``bursting`` (Hindmarsh–Rose, the membrane potential alone, delay-embedded), ``membrane`` (the same
-potential not embedded: the adaptation z left to unforced units), ``drive`` (slow–fast,
+potential not embedded: the adaptation z left to unforced units; ``membrane1m``: the same on 10^6 steps), ``drive`` (slow–fast,
 drive observed), ``hidden`` (slow–fast, drive hidden), ``control`` (Hindmarsh–Rose, all variables), and for
 the diagnosis ``oscillator`` (the drive u alone).  ``--variant`` adds the same overrides to every arm
 (``-slow``: slowly decaying unforced units; ``-free``/``-free0``: no forcing, α = 0, with / without them;
@@ -53,12 +53,14 @@ CASES = {"bursting": ("configs/bursting-membrane.yaml", "hr/train.zarr", "hr/tes
          "control": ("configs/bursting.yaml", "hrc/train.zarr", "hrc/test.zarr", []),
          # the membrane potential alone, not embedded: z is left to the unforced units
          "membrane": ("configs/bursting-raw.yaml", "hrr/train.zarr", "hrr/test.zarr", []),
+         # the same, trained on 10^6 steps (the 10^5-step series extended: same seed, same noise level)
+         "membrane1m": ("configs/bursting-raw.yaml", "hrr1m/train.zarr", "hrr/test.zarr", []),
          # diagnosis: the drive u alone (a noisy harmonic of period 20 000 steps), one observed unit + 2 free
          "oscillator": ("configs/slowfast-drive.yaml", "osc/train.zarr", "osc/test.zarr",
                         ["model.latent=3", "data.dt=0.01"])}
 # the channel whose block mean follows the slow variable: u (drive observed), z (ρ = 28 + 10u lifts z), the
 # membrane potential (bursts raise its mean) — in the embedding its current value
-SLOW_CHANNEL = {"bursting": 0, "membrane": 0, "drive": 3, "hidden": 2, "control": 0, "oscillator": 0}
+SLOW_CHANNEL = {"bursting": 0, "membrane": 0, "membrane1m": 0, "drive": 3, "hidden": 2, "control": 0, "oscillator": 0}
 # a change tested the same way as the plain arms (run dirs ARM+VARIANT-seedS): name -> overrides for every arm
 VARIANTS = {"": [], "-slow": ["model.unforced_timescale=100000"],
             # no forcing at all: the loss is the free run's, over the whole series or each window
@@ -84,7 +86,7 @@ def data(out):
                "--seed", str(seed), "--out", path)
 
     o = lambda p: os.path.join(out, p)  # noqa: E731
-    for d in ("hr", "sfd", "sf", "hrc", "osc", "hrr"):
+    for d in ("hr", "sfd", "sf", "hrc", "osc", "hrr", "hrr1m"):
         os.makedirs(o(d), exist_ok=True)
     gen("slowfast_drive", 100_000, 0.05, 0, o("sfd/train.zarr"), 0.01)
     gen("slowfast_drive", 200_000, 0.0, 1, o("sfd/test.zarr"), 0.01)
@@ -92,6 +94,7 @@ def data(out):
     gen("slowfast", 200_000, 0.0, 1, o("sf/test.zarr"), 0.01)
     gen("hindmarsh_rose", 100_000, 0.05, 0, o("hrc/train.zarr"), 0.05)
     gen("hindmarsh_rose", 100_000, 0.0, 1, o("hrc/test.zarr"), 0.05)
+    gen("hindmarsh_rose", 1_000_000, 0.05, 0, o("hrc/train1m.zarr"), 0.05)
     if not os.path.exists(o("hr/train.zarr")):
         sh("distdeer", "data", "embed", o("hrc/train.zarr"), "--channel", "0", "--out", o("hr/train.zarr"))
         sh("distdeer", "data", "embed", o("hrc/test.zarr"), "--channel", "0", "--like", o("hr/train.zarr"),
@@ -100,6 +103,9 @@ def data(out):
         if not os.path.exists(o(f"hrr/{name}.zarr")):
             sh("distdeer", "data", "embed", o(f"hrc/{name}.zarr"), "--channel", "0", "--lag", "1", "--dim", "1",
                "--out", o(f"hrr/{name}.zarr"))
+    if not os.path.exists(o("hrr1m/train.zarr")):
+        sh("distdeer", "data", "embed", o("hrc/train1m.zarr"), "--channel", "0", "--lag", "1", "--dim", "1",
+           "--out", o("hrr1m/train.zarr"))
     from distdeer.data import store
 
     for name in ("train", "test"):  # the oscillator: the drive channel u of the slow–fast series
@@ -292,7 +298,9 @@ def decode(out, histories=(1, 10, 30, 100, 300, 1000, 3000)):
 
 
 # case: (its training series, the clean series holding the slow variable, that variable's channel)
-SLOW_TRUTH = {"membrane": ("hrr/train.zarr", "clean/hrc.zarr", 2), "bursting": ("hr/train.zarr", "clean/hrc.zarr", 2),
+SLOW_TRUTH = {"membrane": ("hrr/train.zarr", "clean/hrc.zarr", 2),
+              # the 10^6-step run decoded over the first 10^5 steps of its series (the 10^5-step series, up to rounding)
+              "membrane1m": ("hrr/train.zarr", "clean/hrc.zarr", 2), "bursting": ("hr/train.zarr", "clean/hrc.zarr", 2),
               "hidden": ("sf/train.zarr", "clean/sfd.zarr", 3), "drive": ("sfd/train.zarr", "clean/sfd.zarr", 3)}
 
 
@@ -447,6 +455,14 @@ def dominant_period(x, block, channel):
     return float(len(m) * block / (1 + np.argmax(power[1:])))
 
 
+def bursts(x, threshold=2.0, gap=600):
+    """Spikes of a standardised membrane potential ``x`` (T,): local maxima above ``threshold``; bursts: runs of
+    spikes no more than ``gap`` steps apart.  Returns (spikes, bursts, mean steps between burst starts or None)."""
+    i = np.flatnonzero((x[1:-1] > threshold) & (x[1:-1] >= x[:-2]) & (x[1:-1] > x[2:])) + 1
+    starts = i[np.r_[True, np.diff(i) > gap]] if len(i) else i
+    return int(len(i)), int(len(starts)), float(np.mean(np.diff(starts))) if len(starts) > 1 else None
+
+
 def memories(run_dir):
     """The longest memory, in steps, of the trained model's unforced units: −1/log|μ| for the largest
     eigenvalue modulus μ of their Jacobian block, averaged over the free run's states (every 100th), and of
@@ -484,6 +500,7 @@ def table(out, cases=None):
     rows = json.load(open(path)) if cases and os.path.exists(path) else {}
     for case in cases or CASES:
         data_period = {}  # per block: the test series' slow period, the same for every run of the case
+        _, test, attrs = case_test(out, case)
         for arm in [a + v for v in VARIANTS for a in (*ARMS, "win200-equal")]:
             per = []
             for name in sorted(os.listdir(os.path.join(out, case))) if os.path.isdir(os.path.join(out, case)) else []:
@@ -509,6 +526,10 @@ def table(out, cases=None):
                             "newton_iterations_2nd_half": float(np.mean([r["newton_iterations"]
                                                                          for r in m[len(m) // 2:]])),
                             "unforced_memory_steps": memories(d),
+                            **({"spikes_bursts_cycle": bursts((np.load(os.path.join(d, "generated.npy"))[:, 0]
+                                                               - attrs["mean"][0]) / attrs["std"][0]),
+                                "spikes_bursts_cycle_data": bursts(test[:, 0])} if case in ("membrane", "membrane1m")
+                               else {}),
                             "slow_in_state_r2": slow_in_state(out, case, d) if case in SLOW_TRUTH else None})
             if per:
                 summary = {k: median_mad([p[k] for p in per])
