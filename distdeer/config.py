@@ -108,6 +108,9 @@ class GTFConfig:
     norm: NormKind = "max"
     every: int = 5  # re-estimate α every k steps
     decay: float = 0.1  # α decays with time constant decay × train.steps (γ derived from it)
+    # adaptive: α never decays below this floor (0: no floor).  Where the model is contractive along its forced
+    # trajectory the estimate is 0 and α would follow the schedule towards 0, the loss becoming a free run's.
+    alpha_min: float = 0.0
     sample: int = 4096  # time points used for the Jacobian-norm estimate
 
 
@@ -323,6 +326,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.max_skipped: must lie in [0, 1], got {cfg.train.max_skipped}")
     if not 0.0 <= cfg.gtf.alpha <= 1.0:
         raise ConfigError(f"gtf.alpha: must lie in [0, 1], got {cfg.gtf.alpha}")
+    if cfg.gtf.alpha_min != 0.0 and (cfg.gtf.mode != "adaptive" or not 0.0 < cfg.gtf.alpha_min <= cfg.gtf.alpha):
+        raise ConfigError(f"gtf.alpha_min: a floor in (0, gtf.alpha] for gtf.mode adaptive, got {cfg.gtf.alpha_min}"
+                          f" with gtf.mode {cfg.gtf.mode} and gtf.alpha {cfg.gtf.alpha}")
     if cfg.train.lr_end > cfg.train.lr:
         raise ConfigError(f"train.lr_end ({cfg.train.lr_end}) must not exceed train.lr ({cfg.train.lr})")
     if (cfg.model.kind == "custom") != (cfg.model.factory is not None):

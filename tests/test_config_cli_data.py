@@ -37,6 +37,9 @@ def test_config_round_trip_and_overrides(tmp_path):
     (["nokey"], "dotted.key=value"),
     (["solver.chunk=0"], "solver.chunk: must be > 0"),
     (["solver.adjoint=sweeps"], "solver.adjoint: expected"),
+    (["gtf.mode=constant", "gtf.alpha_min=0.1"], "gtf.alpha_min: a floor"),
+    (["gtf.alpha=0.3", "gtf.alpha_min=0.5"], "gtf.alpha_min: a floor"),
+    (["gtf.alpha_min=-0.1"], "gtf.alpha_min: a floor"),
 ])
 def test_config_errors(overrides, needle):
     with pytest.raises(config.ConfigError, match=needle):

@@ -110,6 +110,26 @@ def test_training_runs_and_writes_the_run_directory(straight):
             "metrics.jsonl, checkpoints/);") in out
 
 
+def test_adaptive_alpha_floor(tmp_path):
+    """``gtf.alpha_min``: the logged α follows α ← α_est if α_est > α, else max(α_min, γα + (1 − γ) α_est), every
+    ``gtf.every`` steps (recomputed here from the logged estimates), never falls below the floor, and the floor
+    binds: a fast decay would have taken α below it."""
+    run, floor, every, decay, steps = tmp_path / "floor", 0.6, 5, 0.05, 60
+    proc = cli("train", write_config(tmp_path, run, gtf__alpha_min=floor, gtf__decay=decay, train__steps=steps,
+                                     eval__at_end=False))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics(run)
+    g = np.exp(-every / (decay * steps))
+    alpha, bound = 1.0, False
+    for r in rows:
+        assert r["alpha"] == pytest.approx(alpha, rel=1e-5) and r["alpha"] >= floor * (1 - 1e-6)
+        if (r["step"] - 1) % every == 0:
+            est, free = r["alpha_estimate"], g * alpha + (1 - g) * r["alpha_estimate"]
+            bound |= est <= alpha and free < floor
+            alpha = est if est > alpha else max(floor, free)
+    assert bound
+
+
 def test_loss_decreases_with_constant_forcing(tmp_path):
     run = tmp_path / "const"
     cfg = write_config(tmp_path, run, gtf__mode="constant", gtf__alpha=0.3, train__steps=80, train__lr=3e-3,

@@ -11,8 +11,9 @@ solution; a carried stream whose window did not converge restarts from the data)
 
 Adaptive GTF: every ``gtf.every`` steps, 𝒩 is estimated from the model Jacobians
 ``J_F(z̃_t)`` along the forced trajectory; ``α_est = max(0, 1 − 1/𝒩)``; α jumps up to ``α_est`` at once
-and otherwise decays towards it, ``α ← γ α + (1 − γ) α_est``, with ``γ = exp(−every / (decay · steps))``
-so that the decay time is a fixed fraction of the configured training length.
+and otherwise decays towards it, ``α ← max(α_min, γ α + (1 − γ) α_est)``, with ``γ = exp(−every / (decay ·
+steps))`` so that the decay time is a fixed fraction of the configured training length, and ``α_min =
+gtf.alpha_min`` (default 0: no floor).
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def make_train_step(model: Model, cfg: Config, mode):
         estimate = alpha_from_norm(norm)
         alpha = state.alpha
         if cfg.gtf.mode == "adaptive":  # never re-estimated from an unconverged trajectory
-            proposed = jnp.where(estimate > alpha, estimate, g * alpha + (1 - g) * estimate)
+            proposed = jnp.where(estimate > alpha, estimate,
+                                 jnp.maximum(cfg.gtf.alpha_min, g * alpha + (1 - g) * estimate))
             alpha = jnp.where((state.step % cfg.gtf.every == 0) & converged, proposed, alpha).astype(jnp.float32)
         skipped = state.skipped + (~ok).astype(jnp.int32)
         metrics = StepMetrics(loss, mse, state.alpha, estimate, jnp.max(sol.iterations),
