@@ -123,7 +123,7 @@ def test_adaptive_alpha_floor(tmp_path):
     alpha, bound = 1.0, False
     for r in rows:
         assert r["alpha"] == pytest.approx(alpha, rel=1e-5) and r["alpha"] >= floor * (1 - 1e-6)
-        if (r["step"] - 1) % every == 0:
+        if (r["step"] - 1) % every == 0 and r["converged"]:  # as the step does: never from a failed solve
             est, free = r["alpha_estimate"], g * alpha + (1 - g) * r["alpha_estimate"]
             bound |= est <= alpha and free < floor
             alpha = est if est > alpha else max(floor, free)

@@ -70,7 +70,9 @@ VARIANTS = {"": [], "-slow": ["model.unforced_timescale=100000"],
             "-a1e-3": ["gtf.mode=constant", "gtf.alpha=0.001"], "-a1e-2": ["gtf.mode=constant", "gtf.alpha=0.01"],
             # a linear model (ALRNN without ReLU units): it holds a rotation exactly
             "-lin-a1e-3": ["gtf.mode=constant", "gtf.alpha=0.001", "model.kind=alrnn", "model.nonlinear=0"],
-            "-lin-a1e-2": ["gtf.mode=constant", "gtf.alpha=0.01", "model.kind=alrnn", "model.nonlinear=0"]}
+            "-lin-a1e-2": ["gtf.mode=constant", "gtf.alpha=0.01", "model.kind=alrnn", "model.nonlinear=0"],
+            # a floor under the adaptive α (tried on the runs whose α collapsed without it)
+            "-floor": ["gtf.alpha_min=0.1"]}
 PROBE_STEPS = {"whole": 40, "win200": 1500, "win1000": 400, "carried": 1500, "burn": 600}
 
 
