@@ -501,11 +501,13 @@ def table(out, cases=None):
     path = os.path.join(out, "summary.json")
     rows = json.load(open(path)) if cases and os.path.exists(path) else {}
     for case in cases or CASES:
+        if not os.path.isdir(os.path.join(out, case)):
+            continue  # no runs of this case (its series may not exist either)
         data_period = {}  # per block: the test series' slow period, the same for every run of the case
         _, test, attrs = case_test(out, case)
         for arm in [a + v for v in VARIANTS for a in (*ARMS, "win200-equal")]:
             per = []
-            for name in sorted(os.listdir(os.path.join(out, case))) if os.path.isdir(os.path.join(out, case)) else []:
+            for name in sorted(os.listdir(os.path.join(out, case))):
                 if not (name.startswith(arm + "-seed") and os.path.isdir(os.path.join(out, case, name))):
                     continue
                 d = os.path.join(out, case, name)
