@@ -496,8 +496,6 @@ def periods(runs):
 def table(out, cases=None):
     """Per case and arm the runs' measures and diagnostics (``cases``: a list, default all) → OUT/summary.json
     (merged with what it holds for other cases) and one markdown row per case/arm."""
-    from distdeer.data import store
-
     path = os.path.join(out, "summary.json")
     rows = json.load(open(path)) if cases and os.path.exists(path) else {}
     for case in cases or CASES:
@@ -505,6 +503,8 @@ def table(out, cases=None):
             continue  # no runs of this case (its series may not exist either)
         data_period = {}  # per block: the test series' slow period, the same for every run of the case
         _, test, attrs = case_test(out, case)
+        membrane = case in ("membrane", "membrane1m")  # one channel, the membrane potential: count its bursts
+        data_bursts = bursts(test[:, 0]) if membrane else None
         for arm in [a + v for v in VARIANTS for a in (*ARMS, "win200-equal")]:
             per = []
             for name in sorted(os.listdir(os.path.join(out, case))):
@@ -517,10 +517,10 @@ def table(out, cases=None):
                 m = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
                 lyap = e["lyapunov_max"]
                 block, ch = e["D_slow"]["block"], SLOW_CHANNEL[case]
-                if block not in data_period:
-                    data_period[block] = dominant_period(store.read_data_units(os.path.join(out, CASES[case][2])),
-                                                         block, ch)
-                per.append({"slow_period_model": dominant_period(np.load(os.path.join(d, "generated.npy")), block, ch),
+                if block not in data_period:  # the strongest line's place: the same in data units or standardised
+                    data_period[block] = dominant_period(test, block, ch)
+                gen = np.load(os.path.join(d, "generated.npy"))  # in the test data's units
+                per.append({"slow_period_model": dominant_period(gen, block, ch),
                             "slow_period_data": data_period[block],
                             "seed": int(name.rsplit("seed", 1)[1]), "steps": m[-1]["step"],
                             "train_s": m[-1]["elapsed_s"], "D_stsp": e["D_stsp"]["value"], "D_H": e["D_H"]["value"],
@@ -530,10 +530,8 @@ def table(out, cases=None):
                             "newton_iterations_2nd_half": float(np.mean([r["newton_iterations"]
                                                                          for r in m[len(m) // 2:]])),
                             "unforced_memory_steps": memories(d),
-                            **({"spikes_bursts_cycle": bursts((np.load(os.path.join(d, "generated.npy"))[:, 0]
-                                                               - attrs["mean"][0]) / attrs["std"][0]),
-                                "spikes_bursts_cycle_data": bursts(test[:, 0])} if case in ("membrane", "membrane1m")
-                               else {}),
+                            **({"spikes_bursts_cycle": bursts((gen[:, 0] - attrs["mean"][0]) / attrs["std"][0]),
+                                "spikes_bursts_cycle_data": data_bursts} if membrane else {}),
                             "slow_in_state_r2": slow_in_state(out, case, d) if case in SLOW_TRUTH else None})
             if per:
                 summary = {k: median_mad([p[k] for p in per])
